@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # fiftyone's bundled MongoDB 6 is older than it prefers; it works, so don't refuse it.
 export FIFTYONE_DATABASE_VALIDATION := false
 
-.PHONY: demo test lab app venv clean-runs
+.PHONY: demo test lab app venv browser clean-runs
 
 venv: $(STAMP)
 
@@ -26,8 +26,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m cast run --config configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest tests
+
+# The app's browser test drives Debian's headless Chromium (the pip playwright browser cannot
+# be downloaded here); install it when missing and we are allowed to.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium is missing and could not be installed: the browser test will fail"
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --notebook-dir .
