@@ -1,0 +1,146 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint folder holds `model-<step>.safetensors` (weights), `state-<step>.pt` (optimizer,
+scheduler, grad scaler, RNG states, data position) and `latest.json`, the pointer that is
+written last: a crash at any moment of a save leaves the previous pointer and the files it
+names intact, so the last good checkpoint always loads.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from cast.utils.io import atomic_save, atomic_write_json, read_json
+
+POINTER = "latest.json"
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, read-only folder); the last good one is kept."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    model_path: Path
+    state: dict[str, Any]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": _numpy_state_to_list(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_list(state: tuple) -> list:
+    # torch.load(weights_only=True) refuses numpy arrays; plain lists load everywhere.
+    name, keys, pos, has_gauss, gauss = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _describe(directory: Path) -> str:
+    try:
+        return f"step {read_json(directory / POINTER)['step']}"
+    except (FileNotFoundError, ValueError, KeyError):
+        return "none"
+
+
+def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    keep_last: int = 2) -> None:
+    """Write weights + training `state` for `step`, then move the pointer; keep `keep_last` saves."""
+    directory = Path(directory)
+    model_name, state_name = f"model-{step:08d}.safetensors", f"state-{step:08d}.pt"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_save(directory / model_name, lambda p: save_model(unwrap(model), str(p)))
+        atomic_save(directory / state_name, lambda p: torch.save(state, p))
+        atomic_write_json(directory / POINTER, {"step": step, "model": model_name, "state": state_name})
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"cannot write checkpoint for step {step} to {directory}: {e.strerror or e}; "
+            f"the last good checkpoint ({_describe(directory)}) is kept", e.errno) from e
+    _prune(directory, keep_last)
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    steps = sorted({int(p.stem.split("-")[1]) for p in directory.glob("model-*.safetensors")})
+    for old in steps[:-keep_last]:
+        for name in (f"model-{old:08d}.safetensors", f"state-{old:08d}.pt"):
+            (directory / name).unlink(missing_ok=True)
+
+
+def load_checkpoint(directory: str | Path) -> Checkpoint | None:
+    """The checkpoint the pointer names, or None when the folder holds no checkpoint."""
+    directory = Path(directory)
+    pointer = directory / POINTER
+    if not pointer.exists():
+        return None
+    info = read_json(pointer)
+    model_path, state_path = directory / info["model"], directory / info["state"]
+    for path in (model_path, state_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: named by {pointer} but missing; delete {directory} to restart")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    return Checkpoint(step=int(info["step"]), model_path=model_path, state=state)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    missing, unexpected = load_model(unwrap(model), str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match {type(unwrap(model)).__name__} "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+
+
+def save_model_dir(model: torch.nn.Module, directory: str | Path) -> None:
+    """`save_pretrained` into a fresh temporary folder, then swap it in, so that `directory`
+    either holds a complete model or nothing (a stage counts as done when it exists)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        unwrap(model).save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write model to {directory}: {e.strerror or e}", e.errno) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
