@@ -1,0 +1,1 @@
+"""The CAST pipeline: pseudo-labels, stages, reports, ablations and the run entry point."""

@@ -1,0 +1,172 @@
+"""Pseudo-labels: a teacher's predictions on the unlabeled images, stored as COCO results.
+
+`pseudo_labels/<stage>.json` is a COCO result list (one dict per instance: image_id,
+category_id, segmentation as compressed RLE, score, area, bbox) filtered by score and mask
+area. `<stage>.manifest.json`, written after it, records what produced it (teacher weights
+hash, image ids, thresholds, code version): a later run reuses the labels only when all of
+these match. Inference is sharded over ranks and gathered, so every rank ends with the whole set.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import cast
+from cast.config import PseudoLabelConfig
+from cast.data.loader import InstanceTorchDataset, collate_instances
+from cast.data.views import EvalTransform
+from cast.structures import InstanceSample, Instances
+from cast.training.checkpoint import unwrap
+from cast.training.distributed import DistContext, all_gather_objects, barrier, shard
+from cast.utils.io import atomic_write_json, read_json
+
+FORMAT_VERSION = 1
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes) of the model."""
+    h = hashlib.sha256()
+    for name, t in sorted(unwrap(model).state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def instances_to_results(instances: Instances, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """COCO result dicts (compressed RLE) of one image's predicted instances."""
+    if len(instances) == 0:
+        return []
+    masks = np.asfortranarray(instances.masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+    rles = mask_utils.encode(masks)
+    areas = mask_utils.area(rles)
+    boxes = mask_utils.toBbox(rles)
+    results = []
+    for rle, area, box, label, score in zip(rles, areas, boxes, instances.labels.tolist(), instances.scores.tolist()):
+        results.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
+                        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                        "score": float(score), "area": int(area), "bbox": [float(v) for v in box]})
+    return results
+
+
+def filter_results(results: list[dict[str, Any]], cfg: PseudoLabelConfig) -> list[dict[str, Any]]:
+    """Keep instances with score >= threshold and area >= min_area, the best max_instances per image."""
+    per_image: dict[int, list[dict]] = defaultdict(list)
+    for r in results:
+        if r["score"] >= cfg.score_threshold and r["area"] >= cfg.min_area:
+            per_image[r["image_id"]].append(r)
+    kept = []
+    for image_id in sorted(per_image):
+        kept += sorted(per_image[image_id], key=lambda r: -r["score"])[: cfg.max_instances]
+    return kept
+
+
+@torch.no_grad()
+def predict_results(model: torch.nn.Module, samples: Sequence[InstanceSample], category_ids: Sequence[int],
+                    test_size: int | None, batch_size: int, ctx: DistContext = DistContext(),
+                    desc: str = "predict") -> list[dict[str, Any]]:
+    """COCO results of `model` on `samples`, inference sharded over ranks; every rank gets all."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    indices = shard(list(range(len(samples))), ctx.rank, ctx.world_size)
+    mine = [samples[i] for i in indices]
+    results: list[dict[str, Any]] = []
+    if mine:
+        loader = DataLoader(InstanceTorchDataset(mine, EvalTransform(test_size)), batch_size=batch_size,
+                            collate_fn=functools.partial(collate_instances))
+        for batch in tqdm(loader, desc=desc, disable=not ctx.is_main, leave=False):
+            preds = model.predict(batch["pixel_values"].to(ctx.device), batch["pixel_mask"].to(ctx.device),
+                                  image_sizes=batch["image_sizes"], orig_sizes=batch["orig_sizes"])
+            for image_id, inst in zip(batch["image_ids"], preds):
+                results += instances_to_results(inst.to("cpu"), image_id, category_ids)
+    model.train(was_training)
+    return merge_shards(all_gather_objects(results))
+
+
+def merge_shards(shards: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result list from the ranks' lists, ordered by image id, then by decreasing score."""
+    return sorted((r for part in shards for r in part), key=lambda r: (r["image_id"], -r["score"]))
+
+
+def make_manifest(teacher_hash: str, image_ids: Sequence[int], cfg: PseudoLabelConfig, test_size: int | None,
+                  teacher: str) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "code_version": cast.__version__, "teacher": teacher,
+            "teacher_hash": teacher_hash, "image_ids": sorted(int(i) for i in image_ids), "test_size": test_size,
+            "thresholds": {"score_threshold": cfg.score_threshold, "min_area": cfg.min_area,
+                           "max_instances": cfg.max_instances}}
+
+
+def load_if_current(path: str | Path, manifest_path: str | Path, expected: dict[str, Any]) -> list[dict] | None:
+    """The stored labels when their manifest equals `expected`, else None (they must be redone)."""
+    path, manifest_path = Path(path), Path(manifest_path)
+    if not (path.is_file() and manifest_path.is_file()):
+        return None
+    try:
+        manifest = read_json(manifest_path)
+        if not isinstance(manifest, dict) or {k: v for k, v in manifest.items() if k != "num_instances"} != expected:
+            return None
+        return read_json(path)
+    except ValueError:  # a damaged file is redone, not trusted
+        return None
+
+
+def write_pseudo_labels(path: str | Path, manifest_path: str | Path, results: list[dict[str, Any]],
+                        manifest: dict[str, Any]) -> None:
+    """Labels first, manifest last: a crash in between leaves labels no manifest vouches for."""
+    Path(manifest_path).unlink(missing_ok=True)
+    atomic_write_json(path, results)
+    atomic_write_json(manifest_path, {**manifest, "num_instances": len(results)})
+
+
+def pseudo_label(model: torch.nn.Module, samples: Sequence[InstanceSample], category_ids: Sequence[int],
+                 cfg: PseudoLabelConfig, path: str | Path, manifest_path: str | Path, test_size: int | None,
+                 batch_size: int, ctx: DistContext = DistContext(), teacher: str = "") -> list[dict[str, Any]]:
+    """Filtered pseudo-labels of `samples` by `model`: reused from `path` when its manifest
+    matches the teacher's weights, the image ids, the thresholds and the code, else computed
+    (sharded over ranks), written atomically by rank 0, and returned on every rank."""
+    expected = make_manifest(weights_hash(model), [s.image_id for s in samples], cfg, test_size, teacher)
+    stored = load_if_current(path, manifest_path, expected)
+    if stored is not None:
+        return stored
+    raw = predict_results(model, samples, category_ids, test_size, batch_size, ctx, desc=f"pseudo-label {teacher}")
+    results = filter_results(raw, cfg)
+    if ctx.is_main:
+        write_pseudo_labels(path, manifest_path, results, expected)
+    barrier()
+    return results
+
+
+def results_to_samples(results: list[dict[str, Any]], samples: Sequence[InstanceSample],
+                       category_ids: Sequence[int]) -> list[InstanceSample]:
+    """The unlabeled images with the pseudo-labels as their instances (scores kept)."""
+    label_of = {cid: i for i, cid in enumerate(category_ids)}
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for r in results:
+        by_image[r["image_id"]].append(r)
+    out = []
+    for s in samples:
+        rs = by_image.get(s.image_id, [])
+        if rs:
+            masks = mask_utils.decode([{"size": r["segmentation"]["size"],
+                                        "counts": r["segmentation"]["counts"].encode("ascii")} for r in rs])
+            masks = masks.transpose(2, 0, 1).astype(bool)
+        else:
+            masks = np.zeros((0, s.height, s.width), bool)
+        if masks.shape[1:] != (s.height, s.width):
+            raise ValueError(f"pseudo-labels of image {s.image_id}: mask size {masks.shape[1:]} does not match "
+                             f"the image {(s.height, s.width)}")
+        out.append(InstanceSample(image=s.image, masks=masks,
+                                  labels=np.array([label_of[r["category_id"]] for r in rs], np.int64),
+                                  image_id=s.image_id, file_name=s.file_name,
+                                  scores=np.array([r["score"] for r in rs], np.float32), meta=dict(s.meta)))
+    return out

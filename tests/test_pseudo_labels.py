@@ -1,0 +1,116 @@
+"""The pseudo-label store: COCO RLE results, filtering, manifest reuse / invalidation, atomic
+writes and the merge of rank shards."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cast.config import PseudoLabelConfig
+from cast.pipeline import pseudo_labels as pl
+from cast.structures import InstanceSample, Instances
+from cast.training.distributed import DistContext
+from test_training import TinySegModel
+
+CATEGORY_IDS = [1, 2]
+
+
+def _samples(n: int = 5, size: int = 32) -> list[InstanceSample]:
+    rng = np.random.default_rng(0)
+    return [InstanceSample(image=rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                           masks=np.zeros((0, size, size), bool), labels=np.zeros(0, np.int64), image_id=10 + i)
+            for i in range(n)]
+
+
+def _result(image_id: int, score: float, area: int) -> dict:
+    return {"image_id": image_id, "category_id": 1, "score": score, "area": area}
+
+
+def _label(tmp_path, model, samples, cfg=PseudoLabelConfig(score_threshold=0.0, min_area=0)):
+    return pl.pseudo_label(model, samples, CATEGORY_IDS, cfg, tmp_path / "s.json", tmp_path / "s.manifest.json",
+                           test_size=None, batch_size=2, teacher="tiny")
+
+
+def test_filter_by_score_area_and_count():
+    results = [_result(1, 0.9, 100), _result(1, 0.4, 100), _result(1, 0.8, 3), _result(1, 0.7, 50),
+               _result(1, 0.95, 60), _result(2, 0.6, 20)]
+    kept = pl.filter_results(results, PseudoLabelConfig(score_threshold=0.5, min_area=10, max_instances=2))
+    assert [(r["image_id"], r["score"]) for r in kept] == [(1, 0.95), (1, 0.9), (2, 0.6)]
+
+
+def test_results_round_trip_to_samples():
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :3, :4] = True
+    masks[1, 5:, 2:] = True
+    inst = Instances(masks, torch.tensor([1, 0]), torch.tensor([0.9, 0.3]))
+    results = pl.instances_to_results(inst, 7, CATEGORY_IDS)
+    assert [r["category_id"] for r in results] == [2, 1] and [r["area"] for r in results] == [12, 18]
+    assert results[0]["bbox"] == [0.0, 0.0, 4.0, 3.0] and isinstance(results[0]["segmentation"]["counts"], str)
+    image = InstanceSample(image=np.zeros((8, 8, 3), np.uint8), masks=np.zeros((0, 8, 8), bool),
+                           labels=np.zeros(0, np.int64), image_id=7)
+    (back,) = pl.results_to_samples(results, [image], CATEGORY_IDS)
+    assert np.array_equal(back.masks, masks.numpy()) and back.labels.tolist() == [1, 0]
+    assert back.scores.tolist() == pytest.approx([0.9, 0.3])
+
+
+def test_labels_are_reused_until_teacher_data_or_thresholds_change(tmp_path, monkeypatch):
+    calls = []
+    real = pl.predict_results
+    monkeypatch.setattr(pl, "predict_results", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, samples = TinySegModel(), _samples()
+    first = _label(tmp_path, model, samples)
+    assert len(first) > 0 and len(calls) == 1
+    manifest = pl.read_json(tmp_path / "s.manifest.json")
+    assert manifest["image_ids"] == [10, 11, 12, 13, 14] and manifest["teacher_hash"] == pl.weights_hash(model)
+    assert manifest["num_instances"] == len(first) and manifest["code_version"]
+
+    assert _label(tmp_path, model, samples) == first and len(calls) == 1  # reused
+    _label(tmp_path, model, samples, PseudoLabelConfig(score_threshold=0.2, min_area=0))
+    assert len(calls) == 2  # thresholds changed
+    _label(tmp_path, model, samples[:4], PseudoLabelConfig(score_threshold=0.2, min_area=0))
+    assert len(calls) == 3  # images changed
+    with torch.no_grad():
+        model.query.add_(0.01)
+    _label(tmp_path, model, samples[:4], PseudoLabelConfig(score_threshold=0.2, min_area=0))
+    assert len(calls) == 4  # teacher changed
+    (tmp_path / "s.json").write_text("[{broken")
+    _label(tmp_path, model, samples[:4], PseudoLabelConfig(score_threshold=0.2, min_area=0))
+    assert len(calls) == 5  # damaged file
+    assert pl.read_json(tmp_path / "s.json")  # and it was rewritten
+
+
+def test_a_crash_while_writing_leaves_no_manifest_and_forces_a_redo(tmp_path, monkeypatch):
+    model, samples = TinySegModel(), _samples()
+    _label(tmp_path, model, samples)
+    old = (tmp_path / "s.json").read_bytes()
+    with torch.no_grad():
+        model.query.mul_(-1)
+
+    def crash(path, obj, indent=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pl, "atomic_write_json", crash)
+    with pytest.raises(OSError):
+        _label(tmp_path, model, samples)
+    assert (tmp_path / "s.json").read_bytes() == old  # the old file is intact, never half-written
+    assert not (tmp_path / "s.manifest.json").exists()  # but nothing vouches for it any more
+    assert pl.load_if_current(tmp_path / "s.json", tmp_path / "s.manifest.json", {}) is None
+
+
+def test_sharded_prediction_merges_to_the_single_process_result():
+    model, samples = TinySegModel(), _samples(5)
+    single = pl.predict_results(model, samples, CATEGORY_IDS, None, 2)
+    # Without a process group each rank returns its own shard; the gather concatenates them.
+    shards = [pl.predict_results(model, samples, CATEGORY_IDS, None, 2, DistContext(rank=r, world_size=2))
+              for r in range(2)]
+    assert {r["image_id"] for r in shards[0]} == {10, 12, 14} and {r["image_id"] for r in shards[1]} == {11, 13}
+    assert pl.merge_shards(shards) == single
+
+
+def test_weights_hash_sees_every_parameter():
+    model = TinySegModel()
+    h = pl.weights_hash(model)
+    assert h == pl.weights_hash(model)
+    with torch.no_grad():
+        model.class_head.bias[0] += 1e-6
+    assert pl.weights_hash(model) != h
