@@ -1,0 +1,199 @@
+"""Training views of a sample: a weak (geometric) view and a strong view = weak + photometric only.
+
+Because the strong view only changes colours, pixel (y, x) shows the same place in both views,
+which is what the pixel-wise contrastive loss pairs up. All randomness is drawn from
+``np.random.default_rng([seed, epoch, index])``: a sample's views depend on nothing else, so a
+batch is the same with any number of loader workers and after a resumed run.
+
+Each transform maps an `InstanceSample` to a dict:
+    weak          (3, h, w) float32 in [0, 1]
+    strong        (3, h, w) float32 in [0, 1]   (WeakStrongViews with strong=True only)
+    masks         (K, h, w) float32 0/1, instances cropped away entirely are dropped
+    labels        (K,) int64
+    valid         (h, w) bool, True on image pixels (False on padding)
+    instance_ids  (h, w) int64, index into masks of the instance covering the pixel; -1 for
+                  none, for ignore regions and for padding
+    image_id      int
+    orig_size     (H, W) of the sample as stored
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cast.structures import InstanceSample
+
+
+class SampleTransform(Protocol):
+    def __call__(self, sample: InstanceSample, *, seed: int, epoch: int, index: int) -> dict[str, Any]:
+        """Views of `sample`; any randomness is a function of (seed, epoch, index) alone."""
+
+
+def _image_tensor(sample: InstanceSample) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def _label_planes(sample: InstanceSample) -> torch.Tensor:
+    """Instance masks and the ignore region stacked as (K + 1, H, W) uint8, resized together."""
+    ignore = sample.ignore if sample.ignore is not None else np.zeros((sample.height, sample.width), bool)
+    planes = np.concatenate([sample.masks.astype(np.uint8), ignore[None].astype(np.uint8)])
+    return torch.from_numpy(planes)
+
+
+def _resize(image: torch.Tensor, planes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear for the image (antialiased when shrinking), nearest with pixel-centre alignment for labels."""
+    if tuple(image.shape[-2:]) == size:
+        return image, planes
+    shrink = size[0] < image.shape[-2] or size[1] < image.shape[-1]
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=shrink)[0]
+    planes = F.interpolate(planes[None], size=size, mode="nearest-exact")[0]
+    return image.clamp_(0.0, 1.0), planes
+
+
+def _instance_ids(masks: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
+    """(h, w) int64: the first instance covering each pixel, -1 for none and for ignore pixels."""
+    if masks.shape[0] == 0:
+        return torch.full(ignore.shape, -1, dtype=torch.int64)
+    covered = masks.any(dim=0)
+    ids = masks.to(torch.uint8).argmax(dim=0)  # argmax returns the first maximum
+    return torch.where(covered & ~ignore, ids, torch.full_like(ids, -1))
+
+
+def _views_dict(sample: InstanceSample, views: dict[str, torch.Tensor], planes: torch.Tensor,
+                valid: torch.Tensor) -> dict[str, Any]:
+    masks, ignore = planes[:-1].bool(), planes[-1].bool()
+    keep = masks.flatten(1).any(dim=1)
+    masks, labels = masks[keep], torch.as_tensor(sample.labels, dtype=torch.int64)[keep]
+    return {**views, "masks": masks.float(), "labels": labels, "valid": valid,
+            "instance_ids": _instance_ids(masks, ignore | ~valid), "image_id": int(sample.image_id),
+            "orig_size": (sample.height, sample.width)}
+
+
+def _jitter_factors(rng: np.random.Generator,
+                    strength: tuple[float, float, float, float]) -> tuple[list[float], np.ndarray]:
+    """ColorJitter factors (brightness, contrast, saturation, hue) in torchvision's ranges, and a random order.
+
+    Draws the same amount of randomness whatever the strengths, so turning one view's
+    photometric ops off leaves every other random choice unchanged.
+    """
+    u = rng.random(4)
+    b, c, s, h = strength
+    factors = [float(max(0.0, 1 - v) + (1 + v - max(0.0, 1 - v)) * x) for v, x in zip((b, c, s), u[:3])]
+    factors.append(float(-h + 2 * h * u[3]))
+    return factors, rng.permutation(4)
+
+
+def _color_jitter(image: torch.Tensor, factors: list[float], order: np.ndarray) -> torch.Tensor:
+    """Apply the jitter steps with kornia's PIL/torchvision-compatible functions; neutral steps are skipped."""
+    brightness, contrast, saturation, hue = factors
+    x = image[None]
+    for step in order:
+        if step == 0 and brightness != 1:
+            x = kornia.enhance.adjust_brightness_accumulative(x, brightness)
+        elif step == 1 and contrast != 1:
+            x = kornia.enhance.adjust_contrast_with_mean_subtraction(x, contrast)
+        elif step == 2 and saturation != 1:
+            x = kornia.enhance.adjust_saturation_with_gray_subtraction(x, saturation)
+        elif step == 3 and hue != 0:
+            x = kornia.enhance.adjust_hue(x, hue * 2 * np.pi)  # kornia takes radians, torchvision turns
+    return x[0].clamp(0.0, 1.0)
+
+
+@dataclass
+class WeakStrongViews:
+    """Weak view = random scale, crop (padded when smaller) and flip; strong view = photometric(weak).
+
+    `weak_jitter` adds light colour jitter to the weak view (off by default); the strong view adds
+    colour jitter `strong_jitter` (brightness, contrast, saturation, hue), grayscale with
+    `grayscale_prob` and, with `blur_prob`, a Gaussian blur of `blur_kernel` with sigma in `blur_sigma`.
+    The image sits at the top-left of the crop canvas; `valid` marks it.
+    """
+
+    crop_size: tuple[int, int] = (128, 128)
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    hflip_prob: float = 0.5
+    weak_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    strong: bool = True
+    strong_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    grayscale_prob: float = 0.2
+    blur_prob: float = 1.0
+    blur_kernel: int = 5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __post_init__(self) -> None:
+        self.crop_size = (int(self.crop_size[0]), int(self.crop_size[1]))
+        if min(self.crop_size) < 1:
+            raise ValueError(f"WeakStrongViews: crop_size must be positive, got {self.crop_size}")
+        if not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"WeakStrongViews: scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        for name in ("hflip_prob", "grayscale_prob", "blur_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"WeakStrongViews: {name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("weak_jitter", "strong_jitter"):
+            jitter = getattr(self, name)
+            if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+                raise ValueError(f"WeakStrongViews: {name} must be 4 values >= 0 (hue <= 0.5), got {jitter}")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"WeakStrongViews: blur_kernel must be odd and positive, got {self.blur_kernel}")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"WeakStrongViews: blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+
+    def __call__(self, sample: InstanceSample, *, seed: int, epoch: int, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([seed, epoch, index])
+        # Geometry first and with a fixed number of draws: photometric settings never move it.
+        scale = rng.uniform(*self.scale_range)
+        size = (max(1, round(sample.height * scale)), max(1, round(sample.width * scale)))
+        crop_h, crop_w = min(size[0], self.crop_size[0]), min(size[1], self.crop_size[1])
+        y0 = int(rng.integers(0, size[0] - crop_h + 1))
+        x0 = int(rng.integers(0, size[1] - crop_w + 1))
+        flip = rng.random() < self.hflip_prob
+        image, planes = _resize(_image_tensor(sample), _label_planes(sample), size)
+        image, planes = image[:, y0:y0 + crop_h, x0:x0 + crop_w], planes[:, y0:y0 + crop_h, x0:x0 + crop_w]
+        if flip:
+            image, planes = image.flip(-1), planes.flip(-1)
+
+        weak = _color_jitter(image, *_jitter_factors(rng, self.weak_jitter))
+        views = {"weak": weak}
+        if self.strong:
+            views["strong"] = self._photometric(rng, weak)
+
+        pad = (0, self.crop_size[1] - crop_w, 0, self.crop_size[0] - crop_h)
+        views = {k: F.pad(v, pad) for k, v in views.items()}
+        valid = F.pad(torch.ones(crop_h, crop_w, dtype=torch.bool), pad)
+        return _views_dict(sample, views, F.pad(planes, pad), valid)
+
+    def _photometric(self, rng: np.random.Generator, weak: torch.Tensor) -> torch.Tensor:
+        strong = _color_jitter(weak, *_jitter_factors(rng, self.strong_jitter))
+        if rng.random() < self.grayscale_prob:
+            strong = kornia.color.rgb_to_grayscale(strong).expand(3, -1, -1).contiguous()
+        sigma = rng.uniform(*self.blur_sigma)
+        if rng.random() < self.blur_prob:
+            k = self.blur_kernel
+            strong = kornia.filters.gaussian_blur2d(strong[None], (k, k), (sigma, sigma), border_type="reflect")[0]
+        return strong
+
+
+@dataclass
+class EvalTransform:
+    """Deterministic evaluation view: resize so the short side is `size` (None keeps the stored size)."""
+
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"EvalTransform: size must be positive or None, got {self.size}")
+
+    def __call__(self, sample: InstanceSample, *, seed: int = 0, epoch: int = 0, index: int = 0) -> dict[str, Any]:
+        h, w = sample.height, sample.width
+        if self.size is None:
+            out_size = (h, w)
+        else:
+            scale = self.size / min(h, w)
+            out_size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        image, planes = _resize(_image_tensor(sample), _label_planes(sample), out_size)
+        return _views_dict(sample, {"weak": image}, planes, torch.ones(out_size, dtype=torch.bool))
