@@ -38,30 +38,38 @@ def _image_tensor(sample: InstanceSample) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float().div_(255.0)
 
 
-def _label_planes(sample: InstanceSample) -> torch.Tensor:
-    """Instance masks and the ignore region stacked as (K + 1, H, W) uint8, resized together."""
+def _nearest(in_size: int, out_size: int, start: int, count: int) -> np.ndarray:
+    """Source indices of output pixels start..start+count-1 when resizing in_size -> out_size.
+
+    Nearest neighbour with pixel centres aligned, like the bilinear image resize; computing only
+    the kept window keeps a crop of a large image with many masks cheap.
+    """
+    dst = np.arange(start, start + count, dtype=np.float64)
+    return np.minimum(np.floor((dst + 0.5) * (in_size / out_size)).astype(np.int64), in_size - 1)
+
+
+def _label_planes(sample: InstanceSample, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+    """Instance masks and the ignore region at source pixels (rows x cols), as (K + 1, h, w) uint8."""
     ignore = sample.ignore if sample.ignore is not None else np.zeros((sample.height, sample.width), bool)
-    planes = np.concatenate([sample.masks.astype(np.uint8), ignore[None].astype(np.uint8)])
-    return torch.from_numpy(planes)
+    planes = [a.take(rows, axis=-2).take(cols, axis=-1) for a in (sample.masks, ignore[None])]
+    return torch.from_numpy(np.concatenate(planes).astype(np.uint8))
 
 
-def _resize(image: torch.Tensor, planes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear for the image (antialiased when shrinking), nearest with pixel-centre alignment for labels."""
+def _resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, pixel centres aligned, antialiased when shrinking."""
     if tuple(image.shape[-2:]) == size:
-        return image, planes
+        return image
     shrink = size[0] < image.shape[-2] or size[1] < image.shape[-1]
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=shrink)[0]
-    planes = F.interpolate(planes[None], size=size, mode="nearest-exact")[0]
-    return image.clamp_(0.0, 1.0), planes
+    return image.clamp_(0.0, 1.0)
 
 
 def _instance_ids(masks: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
     """(h, w) int64: the first instance covering each pixel, -1 for none and for ignore pixels."""
-    if masks.shape[0] == 0:
-        return torch.full(ignore.shape, -1, dtype=torch.int64)
-    covered = masks.any(dim=0)
-    ids = masks.to(torch.uint8).argmax(dim=0)  # argmax returns the first maximum
-    return torch.where(covered & ~ignore, ids, torch.full_like(ids, -1))
+    ids = torch.full(ignore.shape, -1, dtype=torch.int64)
+    for k in range(masks.shape[0] - 1, -1, -1):  # in reverse, so that the first instance wins
+        ids.masked_fill_(masks[k], k)
+    return ids.masked_fill_(ignore, -1)
 
 
 def _views_dict(sample: InstanceSample, views: dict[str, torch.Tensor], planes: torch.Tensor,
@@ -152,8 +160,9 @@ class WeakStrongViews:
         y0 = int(rng.integers(0, size[0] - crop_h + 1))
         x0 = int(rng.integers(0, size[1] - crop_w + 1))
         flip = rng.random() < self.hflip_prob
-        image, planes = _resize(_image_tensor(sample), _label_planes(sample), size)
-        image, planes = image[:, y0:y0 + crop_h, x0:x0 + crop_w], planes[:, y0:y0 + crop_h, x0:x0 + crop_w]
+        image = _resize_image(_image_tensor(sample), size)[:, y0:y0 + crop_h, x0:x0 + crop_w]
+        planes = _label_planes(sample, _nearest(sample.height, size[0], y0, crop_h),
+                               _nearest(sample.width, size[1], x0, crop_w))
         if flip:
             image, planes = image.flip(-1), planes.flip(-1)
 
@@ -195,5 +204,7 @@ class EvalTransform:
         else:
             scale = self.size / min(h, w)
             out_size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        image, planes = _resize(_image_tensor(sample), _label_planes(sample), out_size)
+        image = _resize_image(_image_tensor(sample), out_size)
+        rows, cols = _nearest(h, out_size[0], 0, out_size[0]), _nearest(w, out_size[1], 0, out_size[1])
+        planes = _label_planes(sample, rows, cols)
         return _views_dict(sample, {"weak": image}, planes, torch.ones(out_size, dtype=torch.bool))
