@@ -26,6 +26,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class DemoDataConfig:
+    """Arguments of cast.data.demo.generate (data.kind=demo)."""
+
+    image_size: int = 128
+    num_source_train: int = 400
+    num_target_train: int = 300
+    num_target_val: int = 100
+    max_objects: int = 10
+
+
+@dataclass
 class DataConfig:
     kind: str = "demo"
     # demo: generated here when missing. coco: a folder with train/ val/ images and
@@ -40,6 +51,7 @@ class DataConfig:
     eval_batch_size: int = 4
     num_workers: int = 0
     max_val_images: int | None = None  # cap for quick runs; None = the whole val set
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 
 @dataclass
@@ -106,7 +118,7 @@ class LossConfig:
     num_negatives: int = 200  # R
     temperature_start: float = 0.35
     temperature_end: float = 0.07
-    embedding_stride: int = 32  # stride of the projection head's pixels (to check R against)
+    embedding_stride: int = 8  # stride of the projection head's pixels (checked against the model)
 
 
 @dataclass
@@ -315,6 +327,10 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
     _check(d.num_workers >= 0, source, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.max_val_images is None or d.max_val_images >= 1, source, "data.max_val_images",
            f"must be >= 1 or null, got {d.max_val_images}")
+    _check(d.demo.image_size >= 32, source, "data.demo.image_size", f"must be >= 32, got {d.demo.image_size}")
+    for key in ("num_source_train", "num_target_train", "num_target_val", "max_objects"):
+        v = getattr(d.demo, key)
+        _check(v >= 1, source, f"data.demo.{key}", f"must be >= 1, got {v}")
 
     t = cfg.teacher
     _check_choice(t.kind, TEACHER_KINDS, source, "teacher.kind")

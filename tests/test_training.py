@@ -88,21 +88,19 @@ class TinySegModel(torch.nn.Module):
 
 class TinyDataset:
     """Random images with one or two box instances; the augmentation (a flip) and the strong
-    view's brightness are pure functions of (seed, epoch, index)."""
+    view's brightness are pure functions of (seed, epoch, index), keyed like InstanceTorchDataset."""
 
     def __init__(self, n: int = 12, seed: int = 0, with_targets: bool = True) -> None:
         g = torch.Generator().manual_seed(seed)
         self.images = torch.rand(n, 3, SIZE, SIZE, generator=g)
-        self.seed, self.epoch, self.with_targets = seed, 0, with_targets
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.seed, self.with_targets = seed, with_targets
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict:
-        g = torch.Generator().manual_seed((self.seed * 1000 + self.epoch) * 1000 + i)
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, i = key
+        g = torch.Generator().manual_seed((self.seed * 1000 + epoch) * 1000 + i)
         img = self.images[i]
         masks = torch.zeros(1 + i % 2, SIZE, SIZE)
         masks[0, :8, :8] = 1

@@ -3,8 +3,9 @@
 The stream is an endless sequence of epochs; epoch e visits the data in the order
 randperm(N, seed, e). Global micro-batch g holds stream positions [g*B, (g+1)*B) and rank r
 takes every world_size-th of them, so the union over ranks is the same global batch a single
-process would see. Each element is passed to the dataset as (epoch, index), and the dataset's
-augmentation is a pure function of (seed, epoch, index): resuming at micro-batch g reproduces
+process would see. Each element is passed to the dataset as an (epoch, index) key (as
+cast.data.loader.InstanceTorchDataset takes it), and its augmentation is a pure function of
+(seed, epoch, index): resuming at micro-batch g reproduces
 exactly the batches an uninterrupted run would have drawn.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -47,28 +48,12 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
             g += 1
 
 
-class EpochIndexed(Dataset):
-    """Adapts a dataset with `set_epoch(epoch)` + `[index]` to (epoch, index) keys."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        return self.dataset[index]
-
-
 def batch_stream(dataset: Any, global_batch_size: int, seed: int, collate_fn: Callable,
                  rank: int = 0, world_size: int = 1, start: int = 0, num_workers: int = 0) -> Iterator[Any]:
     """Collated batches of this rank from global micro-batch `start` on (endless iterator)."""
     sampler = StreamBatchSampler(len(dataset), global_batch_size, seed, rank, world_size, start)
     # A private generator: creating the loader must not draw from the global RNG, or a resumed
     # run would see different dropout / sampling than an uninterrupted one.
-    loader = DataLoader(EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate_fn,
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     return iter(loader)

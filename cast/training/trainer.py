@@ -50,8 +50,9 @@ class Objective:
 class TrainData:
     """What a stage trains on: labeled samples, optionally pseudo-labeled unlabeled ones.
 
-    Both datasets follow cast.data.loader.InstanceTorchDataset: `set_epoch(epoch)` and
-    `[index]` -> one sample that `collate_fn` turns into the batch dict of cast.structures.
+    Both datasets follow cast.data.loader.InstanceTorchDataset: `[(epoch, index)]` -> one item
+    (its augmentation a function of seed, epoch and index) that `collate_fn` turns into the
+    batch dict of cast.structures.
     Batch sizes are global (summed over processes).
     """
 

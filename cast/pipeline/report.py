@@ -1,0 +1,100 @@
+"""The Table-1-style summary of a run: report.json (rows + resolved config) and report.md (the
+same table with the paper's published numbers beside it, from docs/cast-method.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cast.config import CastConfig, config_to_dict
+from cast.utils.io import atomic_write_json, atomic_write_text
+
+# (row key, display name) in table order; the keys are the model names of predictions/.
+ROWS = (
+    ("teacher_zero_shot", "teacher zero-shot"),
+    ("teacher_adaptation", "teacher supervised fine-tuning (1a)"),
+    ("teacher_self_training", "teacher CAST-adapted (1b)"),
+    ("student_supervised", "student supervised only"),
+    ("knowledge_transfer", "CAST student after transfer (2)"),
+    ("student_refinement", "CAST student after refinement (3)"),
+)
+
+# Published mask AP / AP50 on val with 10 % labels: (Cityscapes, ADE20K).
+PAPER_TABLE1 = {
+    "teacher_zero_shot": ((22.0, 42.3), (8.1, 18.2)),
+    "teacher_adaptation": ((28.7, 53.4), (14.2, 23.5)),
+    "teacher_self_training": ((30.5, 56.6), (15.2, 24.5)),
+    "student_supervised": ((21.1, 38.7), (13.9, 24.2)),
+    "knowledge_transfer": ((32.2, 56.5), (16.1, 27.4)),
+    "student_refinement": ((33.9, 58.7), (16.7, 28.0)),
+}
+PAPER_EFFICIENCY = ("teacher 568 M parameters, 880 GFLOPs, 350.9 ms; student 52 M, 200 GFLOPs, 76.9 ms "
+                    "(hardware and resolution not stated)")
+
+
+def make_row(key: str, metrics: dict[str, float], efficiency: dict[str, float], wall_s: float | None) -> dict:
+    """One table row; AP in percent (0-100) like the paper."""
+    name = dict(ROWS).get(key, key)
+    return {"name": name, "model": key, "AP": _pct(metrics.get("AP")), "AP50": _pct(metrics.get("AP50")),
+            "params_m": efficiency.get("params_m"), "gflops": efficiency.get("gflops"),
+            "latency_ms": efficiency.get("latency_ms"), "wall_s": wall_s}
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(100.0 * float(value), 2)
+
+
+def make_report(rows: list[dict], cfg: CastConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    order = {key: i for i, (key, _) in enumerate(ROWS)}
+    rows = sorted(rows, key=lambda r: order.get(r["model"], len(order)))
+    return {"rows": rows, "config": config_to_dict(cfg), "goals": goals(rows), **(extra or {})}
+
+
+def goals(rows: list[dict]) -> dict[str, Any]:
+    """The demo's two claims: refinement beats supervised-only by >= 5 AP; 1b beats zero-shot."""
+    ap = {r["model"]: r["AP"] for r in rows}
+    out: dict[str, Any] = {}
+    if ap.get("student_refinement") is not None and ap.get("student_supervised") is not None:
+        gain = ap["student_refinement"] - ap["student_supervised"]
+        out["student_gain_over_supervised_ap"] = round(gain, 2)
+        out["student_gain_at_least_5_ap"] = gain >= 5.0
+    if ap.get("teacher_self_training") is not None and ap.get("teacher_zero_shot") is not None:
+        gain = ap["teacher_self_training"] - ap["teacher_zero_shot"]
+        out["teacher_gain_over_zero_shot_ap"] = round(gain, 2)
+        out["adapted_teacher_beats_zero_shot"] = gain > 0
+    return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [f"# CAST report: {cfg['name']}", "",
+             f"Data: {cfg['data']['kind']} ({cfg['data']['root']}), {100 * cfg['data']['labeled_fraction']:g} % "
+             f"labeled; teacher {cfg['teacher']['kind']} ({cfg['teacher']['preset']}), "
+             f"student {cfg['student']['preset']}. Mask AP on the val set.", "",
+             "| model | AP | AP50 | params (M) | GFLOPs | latency (ms) | stage wall (s) "
+             "| paper Cityscapes AP / AP50 | paper ADE20K AP / AP50 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["rows"]:
+        paper = PAPER_TABLE1.get(r["model"])
+        city = f"{paper[0][0]:.1f} / {paper[0][1]:.1f}" if paper else "-"
+        ade = f"{paper[1][0]:.1f} / {paper[1][1]:.1f}" if paper else "-"
+        lines.append(f"| {r['name']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {_fmt(r['params_m'])} | "
+                     f"{_fmt(r['gflops'])} | {_fmt(r['latency_ms'])} | {_fmt(r.get('wall_s'), 0)} | {city} | {ade} |")
+    lines += ["", f"Paper efficiency, for reference: {PAPER_EFFICIENCY}.", ""]
+    g = report.get("goals", {})
+    if "student_gain_over_supervised_ap" in g:
+        lines.append(f"- Refined student vs supervised-only student: {g['student_gain_over_supervised_ap']:+.1f} AP "
+                     f"({'meets' if g['student_gain_at_least_5_ap'] else 'misses'} the >= 5 AP goal).")
+    if "teacher_gain_over_zero_shot_ap" in g:
+        lines.append(f"- Adapted teacher (1b) vs zero-shot teacher: {g['teacher_gain_over_zero_shot_ap']:+.1f} AP.")
+    if "total_wall_s" in report:
+        lines.append(f"- Total wall time: {report['total_wall_s']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], json_path: str | Path, md_path: str | Path) -> None:
+    atomic_write_json(json_path, report, indent=2)
+    atomic_write_text(md_path, render_markdown(report))
