@@ -247,3 +247,15 @@ def test_bad_split_file(tmp_path):
     path.write_text("{")
     with pytest.raises(ValueError, match=r"split\.json: invalid json"):
         load_split(path)
+
+
+def test_annotations_made_before_exif_rotation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: the loaded image is H x W transposed
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif)
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "phone.jpg", "height": H, "width": W}],
+                                "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
+    dataset = read_coco(path, progress=False)
+    with pytest.raises(DataError, match=r"phone\.jpg: image is .* before their EXIF rotation"):
+        dataset[0]

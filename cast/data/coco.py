@@ -240,8 +240,7 @@ def _annotation_region(ann: Any, records: dict[int, ImageRecord], label_of: dict
 class CocoAnnotations:
     """`TargetSource` over RLEs parsed from one COCO json, keyed by image id."""
 
-    def __init__(self, json_path: Path, regions: dict[int, list[tuple[dict[str, Any], int, bool]]]) -> None:
-        self.json_path = json_path
+    def __init__(self, regions: dict[int, list[tuple[dict[str, Any], int, bool]]]) -> None:
         self._regions = regions
 
     def decode(self, record: ImageRecord) -> Target:
@@ -308,7 +307,7 @@ def read_coco(json_path: str | os.PathLike, image_root: str | os.PathLike | None
         seen_ann_ids.add(ann["id"])
         regions.setdefault(image_id, []).append(region)
 
-    return InstanceDataset(records.values(), classes, category_ids, CocoAnnotations(json_path, regions), report)
+    return InstanceDataset(records.values(), classes, category_ids, CocoAnnotations(regions), report)
 
 
 def write_coco(source: InstanceDataset | Sequence[InstanceSample], json_path: str | os.PathLike,

@@ -146,8 +146,11 @@ class ImageDataset(Sequence):
     def _image(self, record: ImageRecord) -> np.ndarray:
         image = load_image(record.path)
         if record.height is not None and image.shape[:2] != (record.height, record.width):
+            # Some tools annotate the stored pixels and ignore the EXIF rotation that load_image applies.
+            hint = ("; the annotations seem to be made on the pixels before their EXIF rotation"
+                    if image.shape[:2] == (record.width, record.height) else "")
             raise DataError(record.path, f"image is {image.shape[1]}x{image.shape[0]} (w x h) but its record "
-                                         f"(image id {record.image_id}) says {record.width}x{record.height}")
+                                         f"(image id {record.image_id}) says {record.width}x{record.height}{hint}")
         return image
 
 

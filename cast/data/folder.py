@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from tqdm import tqdm
+
 from cast.data.dataset import ImageRecord, UnlabeledImages, require_dir
 from cast.data.errors import DataError, LoadReport
 from cast.data.images import probe_image
@@ -11,7 +13,8 @@ FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def read_image_folder(root: str | os.PathLike, recursive: bool = True, lenient: bool = False,
-                      classes: list[str] | None = None, category_ids: list[int] | None = None) -> UnlabeledImages:
+                      classes: list[str] | None = None, category_ids: list[int] | None = None,
+                      progress: bool = True) -> UnlabeledImages:
     """Every jpg / jpeg / png / webp under `root` (any case), as unlabeled samples.
 
     Files are sorted by their path relative to `root` (which is their `file_name`) and numbered
@@ -32,7 +35,7 @@ def read_image_folder(root: str | os.PathLike, recursive: bool = True, lenient: 
     report = LoadReport(source=str(root), lenient=lenient)
     records = []
     # Ids count every file found, so skipping one (lenient) does not renumber the others.
-    for image_id, path in enumerate(files, start=1):
+    for image_id, path in enumerate(tqdm(files, desc=f"scan {root.name}", unit="img", disable=not progress), start=1):
         try:
             probe_image(path)
         except DataError as e:
