@@ -48,7 +48,7 @@ def test_results_round_trip_to_samples():
     assert results[0]["bbox"] == [0.0, 0.0, 4.0, 3.0] and isinstance(results[0]["segmentation"]["counts"], str)
     image = InstanceSample(image=np.zeros((8, 8, 3), np.uint8), masks=np.zeros((0, 8, 8), bool),
                            labels=np.zeros(0, np.int64), image_id=7)
-    (back,) = pl.results_to_samples(results, [image], CATEGORY_IDS)
+    (back,) = pl.PseudoLabeledImages([image], results, CATEGORY_IDS)
     assert np.array_equal(back.masks, masks.numpy()) and back.labels.tolist() == [1, 0]
     assert back.scores.tolist() == pytest.approx([0.9, 0.3])
 

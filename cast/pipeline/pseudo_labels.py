@@ -8,11 +8,11 @@ these match. Inference is sharded over ranks and gathered, so every rank ends wi
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,17 +73,18 @@ def filter_results(results: list[dict[str, Any]], cfg: PseudoLabelConfig) -> lis
 @torch.no_grad()
 def predict_results(model: torch.nn.Module, samples: Sequence[InstanceSample], category_ids: Sequence[int],
                     test_size: int | None, batch_size: int, ctx: DistContext = DistContext(),
-                    desc: str = "predict") -> list[dict[str, Any]]:
-    """COCO results of `model` on `samples`, inference sharded over ranks; every rank gets all."""
+                    desc: str = "predict", num_workers: int = 0) -> list[dict[str, Any]]:
+    """COCO results of `model` on `samples` (a possibly lazy sequence), inference sharded over
+    ranks; every rank gets all results."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    indices = shard(list(range(len(samples))), ctx.rank, ctx.world_size)
-    mine = [samples[i] for i in indices]
+    mine = shard(list(range(len(samples))), ctx.rank, ctx.world_size)
     results: list[dict[str, Any]] = []
     if mine:
-        loader = DataLoader(InstanceTorchDataset(mine, EvalTransform(test_size)), batch_size=batch_size,
-                            collate_fn=functools.partial(collate_instances))
+        # A list of indices is a valid sampler: only this rank's images are ever loaded.
+        loader = DataLoader(InstanceTorchDataset(samples, EvalTransform(test_size)), batch_size=batch_size,
+                            sampler=mine, collate_fn=collate_instances, num_workers=num_workers)
         for batch in tqdm(loader, desc=desc, disable=not ctx.is_main, leave=False):
             preds = model.predict(batch["pixel_values"].to(ctx.device), batch["pixel_mask"].to(ctx.device),
                                   image_sizes=batch["image_sizes"], orig_sizes=batch["orig_sizes"])
@@ -130,15 +131,17 @@ def write_pseudo_labels(path: str | Path, manifest_path: str | Path, results: li
 
 def pseudo_label(model: torch.nn.Module, samples: Sequence[InstanceSample], category_ids: Sequence[int],
                  cfg: PseudoLabelConfig, path: str | Path, manifest_path: str | Path, test_size: int | None,
-                 batch_size: int, ctx: DistContext = DistContext(), teacher: str = "") -> list[dict[str, Any]]:
+                 batch_size: int, ctx: DistContext = DistContext(), teacher: str = "",
+                 num_workers: int = 0) -> list[dict[str, Any]]:
     """Filtered pseudo-labels of `samples` by `model`: reused from `path` when its manifest
     matches the teacher's weights, the image ids, the thresholds and the code, else computed
     (sharded over ranks), written atomically by rank 0, and returned on every rank."""
-    expected = make_manifest(weights_hash(model), [s.image_id for s in samples], cfg, test_size, teacher)
+    expected = make_manifest(weights_hash(model), image_ids_of(samples), cfg, test_size, teacher)
     stored = load_if_current(path, manifest_path, expected)
     if stored is not None:
         return stored
-    raw = predict_results(model, samples, category_ids, test_size, batch_size, ctx, desc=f"pseudo-label {teacher}")
+    raw = predict_results(model, samples, category_ids, test_size, batch_size, ctx, desc=f"pseudo-label {teacher}",
+                          num_workers=num_workers)
     results = filter_results(raw, cfg)
     if ctx.is_main:
         write_pseudo_labels(path, manifest_path, results, expected)
@@ -146,16 +149,36 @@ def pseudo_label(model: torch.nn.Module, samples: Sequence[InstanceSample], cate
     return results
 
 
-def results_to_samples(results: list[dict[str, Any]], samples: Sequence[InstanceSample],
-                       category_ids: Sequence[int]) -> list[InstanceSample]:
-    """The unlabeled images with the pseudo-labels as their instances (scores kept)."""
-    label_of = {cid: i for i, cid in enumerate(category_ids)}
-    by_image: dict[int, list[dict]] = defaultdict(list)
-    for r in results:
-        by_image[r["image_id"]].append(r)
-    out = []
-    for s in samples:
-        rs = by_image.get(s.image_id, [])
+def image_ids_of(samples: Sequence[InstanceSample]) -> list[int]:
+    """Image ids of a data set without loading its images when it can tell them directly."""
+    ids = getattr(samples, "image_ids", None)
+    return list(ids) if ids is not None else [s.image_id for s in samples]
+
+
+class PseudoLabeledImages(Sequence):
+    """The unlabeled images with pseudo-labels as their instances (scores kept), decoded lazily:
+    an image and its masks are only read when the sample is."""
+
+    def __init__(self, images: Sequence[InstanceSample], results: list[dict[str, Any]],
+                 category_ids: Sequence[int]) -> None:
+        self.images = images
+        self.label_of = {int(cid): i for i, cid in enumerate(category_ids)}
+        self.by_image: dict[int, list[dict]] = defaultdict(list)
+        for r in results:
+            if r["category_id"] not in self.label_of:
+                raise ValueError(f"pseudo-label of image {r['image_id']}: unknown category id {r['category_id']}")
+            self.by_image[r["image_id"]].append(r)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return image_ids_of(self.images)
+
+    def __getitem__(self, index: int) -> InstanceSample:
+        s = self.images[index]
+        rs = self.by_image.get(s.image_id, [])
         if rs:
             masks = mask_utils.decode([{"size": r["segmentation"]["size"],
                                         "counts": r["segmentation"]["counts"].encode("ascii")} for r in rs])
@@ -165,8 +188,7 @@ def results_to_samples(results: list[dict[str, Any]], samples: Sequence[Instance
         if masks.shape[1:] != (s.height, s.width):
             raise ValueError(f"pseudo-labels of image {s.image_id}: mask size {masks.shape[1:]} does not match "
                              f"the image {(s.height, s.width)}")
-        out.append(InstanceSample(image=s.image, masks=masks,
-                                  labels=np.array([label_of[r["category_id"]] for r in rs], np.int64),
-                                  image_id=s.image_id, file_name=s.file_name,
-                                  scores=np.array([r["score"] for r in rs], np.float32), meta=dict(s.meta)))
-    return out
+        return InstanceSample(image=s.image, masks=masks,
+                              labels=np.array([self.label_of[r["category_id"]] for r in rs], np.int64),
+                              image_id=s.image_id, file_name=s.file_name,
+                              scores=np.array([r["score"] for r in rs], np.float32), meta=dict(s.meta))

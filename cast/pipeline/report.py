@@ -82,7 +82,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         city = f"{paper[0][0]:.1f} / {paper[0][1]:.1f}" if paper else "-"
         ade = f"{paper[1][0]:.1f} / {paper[1][1]:.1f}" if paper else "-"
         lines.append(f"| {r['name']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {_fmt(r['params_m'])} | "
-                     f"{_fmt(r['gflops'])} | {_fmt(r['latency_ms'])} | {_fmt(r.get('wall_s'), 0)} | {city} | {ade} |")
+                     f"{_fmt(r['gflops'], 2)} | {_fmt(r['latency_ms'])} | {_fmt(r.get('wall_s'), 0)} | {city} | {ade} |")
     lines += ["", f"Paper efficiency, for reference: {PAPER_EFFICIENCY}.", ""]
     g = report.get("goals", {})
     if "student_gain_over_supervised_ap" in g:

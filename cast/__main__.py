@@ -1,0 +1,6 @@
+"""`python -m cast ...`: see cast.cli."""
+import sys
+
+from cast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""Command line: `python -m cast <command> --config CONFIG [...]`.
+
+    run               the whole CAST pipeline into runs/<name>/
+    ablate            one of the paper's ablation studies into runs/<name>/ablations/
+    pretrain-teacher  only pretrain (or find in the cache) the demo's stand-in teacher
+
+Launch any of them under torchrun (`torchrun --nproc_per_node N -m cast run ...`) to train with
+DDP: gloo on CPU, nccl on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from cast.config import ABLATION_STUDIES, CastConfig, ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cast", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", required=True, help="YAML run configuration (e.g. configs/demo.yaml)")
+    common.add_argument("--name", help="run name (folder under output_dir); default: the config's name")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.knowledge_transfer.steps=10")
+    sub.add_parser("run", parents=[common], help="run the whole CAST pipeline")
+    ablate = sub.add_parser("ablate", parents=[common], help="run one ablation study of the paper")
+    ablate.add_argument("--study", required=True, choices=ABLATION_STUDIES)
+    sub.add_parser("pretrain-teacher", parents=[common], help="pretrain the demo's stand-in teacher")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> CastConfig:
+    overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
+    return load_config(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders only
+    try:
+        cfg = _config(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Heavy imports only once the config is known to be valid.
+    from cast.training.distributed import cleanup, init_distributed
+
+    from cast.data.errors import DataError
+    from cast.training.checkpoint import CheckpointWriteError
+    from cast.training.trainer import NonFiniteLossError
+
+    ctx = init_distributed(cfg.device)
+    try:
+        if args.command == "run":
+            from cast.pipeline.runner import run
+
+            run(cfg, ctx)
+            if ctx.is_main:
+                print((cfg.run_dir / "report.md").read_text())
+        elif args.command == "ablate":
+            from cast.pipeline.ablations import run_ablation
+
+            table = run_ablation(cfg, args.study, ctx)
+            if ctx.is_main:
+                print(table["markdown"])
+        else:
+            from cast.pipeline.runner import pretrain_teacher
+
+            path = pretrain_teacher(cfg, ctx)
+            if ctx.is_main:
+                print(f"stand-in teacher: {path}")
+    except (DataError, FileNotFoundError, CheckpointWriteError, NonFiniteLossError) as e:
+        # Problems with the user's files or the run itself: the message names what and where.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    return 0

@@ -1,0 +1,199 @@
+"""`python -m cast ablate --study ...`: the paper's ablations on the run's data.
+
+    losses          Table 2: student after transfer with L_sup / +L_semi / +L_pxl / all
+    stages          Table 3: full / no refinement / no teacher adaptation / distillation only
+    samplers        Table 4: negative sampler uniform / mask / class / fusion (student after transfer)
+    label_fraction  Table 6: refined student at each labeled fraction of ablations.label_fractions
+
+The main run is completed first (every finished piece of it is reused); variants that the main
+run already is (e.g. "all" losses, the run's own sampler) are read from it, the others train
+into runs/<name>/ablations/<study>/<variant>/ with the same budget as the stage they replace.
+Tables go to runs/<name>/ablations/<study>.{json,md}.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cast.config import CastConfig
+from cast.models.student import CastStudent
+from cast.pipeline.runner import Evaluator, Pipeline, new_student
+from cast.pipeline.stages import stage_complete, train_stage
+from cast.runs import RunFolder
+from cast.training.distributed import DistContext, barrier
+from cast.training.trainer import Objective
+from cast.utils.io import atomic_write_json, atomic_write_text
+
+# Published Cityscapes 10 % numbers: mask AP, or (AP, AP50) for the samplers.
+PAPER = {
+    "losses": {"L_sup": 21.1, "L_sup + L_semi": 30.7, "L_sup + L_pxl": 27.5, "all (CAST)": 32.2},
+    "stages": {"full (1a, 1b, 2, 3)": 33.9, "no refinement (3)": 32.2, "no teacher adaptation (1a, 1b)": 25.7,
+               "distillation only": 23.8},
+    "samplers": {"uniform": (29.4, 50.2), "mask": (30.6, 55.0), "class": (31.1, 55.3), "fusion": (32.2, 56.5)},
+    "label_fraction": {0.05: 30.7, 0.1: 33.9, 0.3: 40.4},
+}
+
+
+class Ablation:
+    """Trains and evaluates the variants of one study next to a completed main run."""
+
+    def __init__(self, cfg: CastConfig, study: str, ctx: DistContext) -> None:
+        self.cfg, self.study, self.ctx = cfg, study, ctx
+        self.main = Pipeline(cfg, ctx)
+        self.main_report = self.main.run()
+        self.folder = RunFolder(self.main.folder.ablations / study)
+        self.evaluator = Evaluator(cfg, self.main.data, self.folder, ctx)
+
+    def main_row(self, model_key: str) -> dict[str, Any]:
+        return next(r for r in self.main_report["rows"] if r["model"] == model_key)
+
+    def variant(self, name: str, stage: str, make_model: Callable[[], torch.nn.Module], objective: Objective,
+                labeled: Any, unlabeled: Any = None, cfg: CastConfig | None = None) -> torch.nn.Module:
+        """Train one variant with the budget of `stage` (or load it when it is done)."""
+        cfg = cfg or self.cfg
+        stage_dir = self.folder.stage(name)
+        if stage_complete(stage_dir):
+            return CastStudent.from_pretrained(stage_dir / "model")
+        return train_stage(stage, make_model(), cfg, objective, labeled, unlabeled, stage_dir, self.ctx,
+                           train_cfg=cfg.stage(stage))
+
+    def evaluate(self, name: str, model: torch.nn.Module) -> dict[str, Any]:
+        meta = self.evaluator(name, model)
+        return {"AP": 100 * meta["metrics"]["AP"], "AP50": 100 * meta["metrics"]["AP50"]}
+
+    def student(self) -> torch.nn.Module:
+        return new_student(self.cfg, self.main.data)
+
+    def pseudo(self, teacher_name: str) -> Any:
+        """Pseudo-labels of the main run (computed there when needed)."""
+        if teacher_name == "teacher_zero_shot":
+            return self.main.pseudo_labels(teacher_name, self.main.teachers.zero_shot())
+        return self.main.pseudo_labels(teacher_name, self.main.teachers.load(self.main.folder.model(teacher_name)))
+
+
+def _row(name: str, result: dict[str, Any], paper: Any, source: str) -> dict[str, Any]:
+    ap50 = paper[1] if isinstance(paper, tuple) else None
+    return {"variant": name, "AP": round(result["AP"], 2), "AP50": round(result["AP50"], 2),
+            "paper_AP": paper[0] if isinstance(paper, tuple) else paper, "paper_AP50": ap50, "source": source}
+
+
+def _from_main(a: Ablation, key: str) -> dict[str, Any]:
+    row = a.main_row(key)
+    return {"AP": row["AP"], "AP50": row["AP50"]}
+
+
+def losses_study(a: Ablation) -> list[dict[str, Any]]:
+    cfg, data, lo = a.cfg, a.main.data, a.cfg.losses
+    pseudo = a.pseudo("teacher_self_training")
+    paper = PAPER["losses"]
+    variants = [("L_sup", Objective(0.0, 0.0), None),
+                ("L_sup + L_semi", Objective(lo.lambda_semi, 0.0), pseudo),
+                # L_pxl alone uses D_u's images without their pseudo-labels.
+                ("L_sup + L_pxl", Objective(0.0, lo.lambda_pxl), data.unlabeled)]
+    rows = []
+    for name, obj, unlabeled in variants:
+        model = a.variant(_slug(name), "knowledge_transfer", a.student, obj, data.labeled, unlabeled)
+        rows.append(_row(name, a.evaluate(_slug(name), model), paper[name], "trained"))
+    rows.append(_row("all (CAST)", _from_main(a, "knowledge_transfer"), paper["all (CAST)"], "main run"))
+    return rows
+
+
+def stages_study(a: Ablation) -> list[dict[str, Any]]:
+    cfg, data, paper = a.cfg, a.main.data, PAPER["stages"]
+    rows = [_row("full (1a, 1b, 2, 3)", _from_main(a, "student_refinement"), paper["full (1a, 1b, 2, 3)"], "main run"),
+            _row("no refinement (3)", _from_main(a, "knowledge_transfer"), paper["no refinement (3)"], "main run")]
+    zero_shot = a.pseudo("teacher_zero_shot")
+    transfer = a.variant("no_adaptation_transfer", "knowledge_transfer", a.student,
+                         Objective(cfg.losses.lambda_semi, cfg.losses.lambda_pxl), data.labeled, zero_shot)
+    refined = a.variant("no_adaptation_refinement", "student_refinement", lambda: transfer, Objective(0.0, 0.0),
+                        data.labeled)
+    rows.append(_row("no teacher adaptation (1a, 1b)", a.evaluate("no_adaptation_refinement", refined),
+                     paper["no teacher adaptation (1a, 1b)"], "trained"))
+    # The student learns from the zero-shot teacher's pseudo-labels alone: no labels, no L_pxl.
+    distilled = a.variant("distillation_only", "knowledge_transfer", a.student, Objective(0.0, 0.0), zero_shot)
+    rows.append(_row("distillation only", a.evaluate("distillation_only", distilled), paper["distillation only"],
+                     "trained"))
+    return rows
+
+
+def samplers_study(a: Ablation) -> list[dict[str, Any]]:
+    cfg, data = a.cfg, a.main.data
+    pseudo = a.pseudo("teacher_self_training")
+    rows = []
+    for sampler in cfg.ablations.samplers:
+        paper = PAPER["samplers"][sampler]
+        if sampler == cfg.losses.sampler:
+            rows.append(_row(sampler, _from_main(a, "knowledge_transfer"), paper, "main run"))
+            continue
+        variant_cfg = copy.deepcopy(cfg)
+        variant_cfg.losses.sampler = sampler
+        obj = Objective(cfg.losses.lambda_semi, cfg.losses.lambda_pxl)
+        model = a.variant(sampler, "knowledge_transfer", a.student, obj, data.labeled, pseudo, cfg=variant_cfg)
+        rows.append(_row(sampler, a.evaluate(sampler, model), paper, "trained"))
+    return rows
+
+
+def label_fraction_study(a: Ablation) -> list[dict[str, Any]]:
+    cfg, rows = a.cfg, []
+    for fraction in cfg.ablations.label_fractions:
+        paper = PAPER["label_fraction"].get(fraction)
+        if math.isclose(fraction, cfg.data.labeled_fraction):
+            result, source = _from_main(a, "student_refinement"), "main run"
+        else:
+            # A whole sub-run; the stand-in teacher's cache does not depend on the fraction.
+            sub = copy.deepcopy(cfg)
+            sub.name = f"fraction_{fraction:g}"
+            sub.output_dir = str(a.folder.root)
+            sub.data.labeled_fraction = fraction
+            sub.data.split_file = None
+            report = Pipeline(sub, a.ctx).run()
+            refined = next(r for r in report["rows"] if r["model"] == "student_refinement")
+            result, source = {"AP": refined["AP"], "AP50": refined["AP50"]}, f"sub-run {sub.name}"
+        rows.append(_row(f"{100 * fraction:g} % labeled", result, paper, source))
+    return rows
+
+
+STUDIES = {"losses": losses_study, "stages": stages_study, "samplers": samplers_study,
+           "label_fraction": label_fraction_study}
+TITLES = {"losses": "Table 2: loss terms (student after transfer)", "stages": "Table 3: pipeline stages",
+          "samplers": "Table 4: negative samplers (student after transfer)",
+          "label_fraction": "Table 6: labeled fraction (refined student)"}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_markdown(study: str, rows: list[dict[str, Any]], cfg: CastConfig) -> str:
+    lines = [f"# Ablation, {TITLES[study]}", "",
+             f"Run {cfg.name}: {cfg.data.kind} data, mask AP on val. Paper: Cityscapes 10 % (for reference).", "",
+             "| variant | AP | AP50 | paper AP | paper AP50 | source |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {_fmt(r['paper_AP'])} | "
+                     f"{_fmt(r['paper_AP50'])} | {r['source']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(cfg: CastConfig, study: str, ctx: DistContext = DistContext()) -> dict[str, Any]:
+    """Run one study; writes ablations/<study>.json and .md and returns {"rows", "markdown"}."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown ablation study {study!r}; expected one of {', '.join(STUDIES)}")
+    a = Ablation(cfg, study, ctx)
+    rows = STUDIES[study](a)
+    markdown = render_markdown(study, rows, cfg)
+    table = {"study": study, "title": TITLES[study], "rows": rows, "markdown": markdown}
+    if ctx.is_main:
+        root: Path = a.main.folder.ablations
+        atomic_write_json(root / f"{study}.json", {k: v for k, v in table.items() if k != "markdown"}, indent=2)
+        atomic_write_text(root / f"{study}.md", markdown)
+    barrier()
+    return table

@@ -1,0 +1,129 @@
+"""A tiny end-to-end CAST run through the command line (tiny presets, tiny demo data, a couple
+of steps per stage): every stage, pseudo-labels, predictions and the report; a second run
+reuses everything; an ablation table; and clear errors for bad configs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cast.cli import main
+from cast.runs import STAGES, RunFolder
+
+ROWS = {"teacher_zero_shot", "teacher_adaptation", "teacher_self_training", "student_supervised",
+        "knowledge_transfer", "student_refinement"}
+
+
+def tiny_config(root: Path) -> dict:
+    def fast() -> dict:
+        return {"steps": 2, "checkpoint_every": 1}
+
+    return {
+        "name": "tiny", "output_dir": str(root / "runs"), "seed": 0, "device": "cpu",
+        "data": {"kind": "demo", "root": str(root / "data" / "demo"), "labeled_fraction": 0.25,
+                 "crop_size": [64, 64], "test_size": 64, "batch_size": 2, "unlabeled_batch_size": 2,
+                 "eval_batch_size": 4,
+                 "demo": {"image_size": 64, "num_source_train": 6, "num_target_train": 8, "num_target_val": 3,
+                          "max_objects": 3}},
+        "teacher": {"kind": "standin", "preset": "cast-tiny",
+                    "pretrain": {"cache_dir": str(root / "data" / "cache"), "train": fast()}},
+        "student": {"preset": "cast-tiny"},
+        "training": {"teacher_adaptation": fast(), "teacher_self_training": fast(), "knowledge_transfer": fast(),
+                     "student_refinement": {"steps": 1}, "student_supervised": {"steps": 3}},
+        "losses": {"num_negatives": 8, "embedding_stride": 8},
+        "pseudo_labels": {"score_threshold": 0.0, "min_area": 0, "max_instances": 5},
+        "ablations": {"samplers": ["uniform", "fusion"]},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cast")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(root)))
+    assert main(["run", "--config", str(config)]) == 0
+    return config, RunFolder(root / "runs" / "tiny")
+
+
+@pytest.mark.slow
+def test_run_writes_every_stage_and_the_report(tiny_run):
+    _, folder = tiny_run
+    report = json.loads(folder.report_json.read_text())
+    assert {r["model"] for r in report["rows"]} == ROWS
+    for row in report["rows"]:
+        assert set(row) >= {"name", "AP", "AP50", "params_m", "gflops", "latency_ms"}
+        assert 0.0 <= row["AP"] <= 100.0 and 0.0 <= row["AP50"] <= 100.0
+        assert row["params_m"] > 0 and row["gflops"] > 0 and row["latency_ms"] > 0
+    assert report["config"]["name"] == "tiny" and report["split"] == {"labeled": 2, "unlabeled": 6, "val": 3}
+    md = folder.report_md.read_text()
+    assert "CAST student after refinement (3)" in md and "33.9 / 58.7" in md  # paper numbers beside ours
+
+    assert folder.config.is_file() and json.loads(folder.split.read_text())["labeled_image_ids"]
+    assert folder.available_models() == list(STAGES)
+    for stage in STAGES:
+        lines = folder.metrics(stage).read_text().splitlines()
+        assert json.loads(lines[-1])["step"] == {"student_refinement": 1, "student_supervised": 3}.get(stage, 2)
+        assert (folder.stage(stage) / "plots" / "loss.png").is_file()
+        assert (folder.checkpoints(stage) / "latest.json").is_file()
+    # stages with L_pxl log it; stage 3 and the baseline do not
+    assert "loss_pxl_unlabeled" in folder.metrics("knowledge_transfer").read_text()
+    assert "loss_pxl" not in folder.metrics("student_refinement").read_text()
+    assert folder.available_pseudo_labels() == ["teacher_adaptation", "teacher_self_training"]
+    labels = json.loads(folder.pseudo_labels("teacher_self_training").read_text())
+    manifest = json.loads(folder.pseudo_label_manifest("teacher_self_training").read_text())
+    assert manifest["image_ids"] == json.loads(folder.split.read_text())["unlabeled_image_ids"]
+    assert manifest["num_instances"] == len(labels) and all("counts" in r["segmentation"] for r in labels)
+    assert set(folder.available_predictions()) == ROWS
+    assert (folder.plots / "ap.png").is_file()
+
+
+@pytest.mark.slow
+def test_second_run_reuses_every_output(tiny_run):
+    config, folder = tiny_run
+    stamps = {p: p.stat().st_mtime_ns for p in folder.root.rglob("*") if p.is_file()
+              and ("model" in p.parts or "pseudo_labels" in p.parts or "predictions" in p.parts)}
+    before = json.loads(folder.report_json.read_text())["rows"]
+    assert main(["run", "--config", str(config)]) == 0
+    report = json.loads(folder.report_json.read_text())
+    assert [(r["model"], r["AP"]) for r in report["rows"]] == [(r["model"], r["AP"]) for r in before]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing was retrained or recomputed
+    assert not any(k in report["timings_s"] for k in STAGES)  # no stage trained this time
+
+
+@pytest.mark.slow
+def test_sampler_ablation_table(tiny_run):
+    config, folder = tiny_run
+    assert main(["ablate", "--config", str(config), "--study", "samplers"]) == 0
+    table = json.loads((folder.ablations / "samplers.json").read_text())
+    assert [r["variant"] for r in table["rows"]] == ["uniform", "fusion"]
+    assert table["rows"][0]["source"] == "trained" and table["rows"][1]["source"] == "main run"
+    assert table["rows"][1]["paper_AP"] == 32.2
+    assert (folder.ablations / "samplers" / "stages" / "uniform" / "model" / "config.json").is_file()
+    assert "| uniform |" in (folder.ablations / "samplers.md").read_text()
+
+
+def test_bad_config_is_refused_before_any_work(tmp_path, capsys):
+    values = tiny_config(tmp_path)
+    values["training"]["knowledge_transfer"]["lr"] = -1.0
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(values))
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "'training.knowledge_transfer.lr'" in err and "must be > 0" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
+
+
+def test_broken_data_names_the_file(tmp_path, capsys):
+    values = tiny_config(tmp_path)
+    values["data"]["kind"] = "coco"
+    values["data"]["root"] = str(tmp_path / "coco")
+    (tmp_path / "coco" / "train").mkdir(parents=True)
+    (tmp_path / "coco" / "train" / "annotations.json").write_text("{not json")
+    config = tmp_path / "coco.yaml"
+    config.write_text(yaml.safe_dump(values))
+    assert main(["run", "--config", str(config)]) == 1
+    assert "annotations.json" in capsys.readouterr().err
