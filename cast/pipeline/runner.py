@@ -29,7 +29,7 @@ from cast.models.student import CastStudent, build_student
 from cast.pipeline.pseudo_labels import PseudoLabeledImages, predict_results, pseudo_label, weights_hash
 from cast.pipeline.report import make_report, make_row, write_report
 from cast.pipeline.stages import objective, read_summary, stage_complete, stage_seed, train_stage
-from cast.runs import RunFolder
+from cast.runs import STAGES, RunFolder
 from cast.training.checkpoint import unwrap
 from cast.training.distributed import DistContext, barrier, broadcast_object
 from cast.training.plots import plot_report
@@ -285,8 +285,14 @@ class Pipeline:
 
     # the run ----------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """The whole pipeline; returns the report (also written to report.json / report.md)."""
+    def run(self, stop_after: str | None = None) -> dict[str, Any]:
+        """The whole pipeline; returns the report (also written to report.json / report.md).
+
+        `stop_after` (a stage name) ends the run there and returns the rows so far without writing
+        the report: each stage notebook runs the pipeline up to its own stage.
+        """
+        if stop_after is not None and stop_after not in STAGES:
+            raise ValueError(f"stop_after={stop_after!r}: expected one of {', '.join(STAGES)}")
         start = time.perf_counter()
         self.prepare()
         cfg, rows = self.cfg, []
@@ -297,19 +303,27 @@ class Pipeline:
         # 1a: adapt theta_T^0 on D_l.
         t1a = self.stage("teacher_adaptation", self.teachers.zero_shot, self.teachers.load)
         rows.append(self.evaluate("teacher_adaptation", t1a, self._wall("teacher_adaptation")))
+        if stop_after == "teacher_adaptation":
+            return {"rows": rows}
         # 1b: pseudo-label D_u with theta_T', restart from theta_T^0, train on D_l + pseudo D_u.
         pseudo_1a = self.pseudo_labels("teacher_adaptation", t1a)
         del t1a
         t1b = self.stage("teacher_self_training", self.teachers.zero_shot, self.teachers.load, pseudo_1a)
         rows.append(self.evaluate("teacher_self_training", t1b, self._wall("teacher_self_training")))
+        if stop_after == "teacher_self_training":
+            return {"rows": rows}
         # 2: the frozen adapted teacher pseudo-labels D_u for the student.
         pseudo_1b = self.pseudo_labels("teacher_self_training", t1b)
         del t1b
         s2 = self.stage("knowledge_transfer", lambda: new_student(cfg, self.data), self.load_student, pseudo_1b)
         rows.append(self.evaluate("knowledge_transfer", s2, self._wall("knowledge_transfer")))
+        if stop_after == "knowledge_transfer":
+            return {"rows": rows}
         # 3: refine the student on D_l only.
         s3 = self.stage("student_refinement", lambda: s2, self.load_student)
         rows.append(self.evaluate("student_refinement", s3, self._wall("student_refinement")))
+        if stop_after == "student_refinement":
+            return {"rows": rows}
         del s2, s3
         # Baseline: the same student on D_l only.
         sup = self.stage("student_supervised", lambda: new_student(cfg, self.data), self.load_student)
