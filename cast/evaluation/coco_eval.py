@@ -1,0 +1,116 @@
+"""COCO mask AP, computed by pycocotools (never by hand), and model outputs as COCO results."""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from cast.structures import Instances
+from cast.utils.io import atomic_write_json, read_json
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """A binary (H, W) mask as compressed RLE whose counts are a str (json-serialisable)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def instances_to_coco(instances: Instances | dict[str, Any], image_id: int,
+                      category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """One image's predicted instances as COCO result dicts (RLE masks, original category ids).
+
+    `instances` is an Instances or a dict of masks (K, H, W) / labels (K,) / scores (K,), torch or
+    numpy; labels are contiguous indices into `category_ids`.
+    """
+    if isinstance(instances, Instances):
+        masks, labels, scores = instances.masks, instances.labels, instances.scores
+    else:
+        masks, labels, scores = instances["masks"], instances["labels"], instances["scores"]
+    masks, labels, scores = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+                             for x in (masks, labels, scores))
+    results = []
+    for mask, label, score in zip(masks.astype(bool), labels, scores):
+        if not 0 <= int(label) < len(category_ids):
+            raise ValueError(f"image {image_id}: label {int(label)} is outside the {len(category_ids)} classes")
+        results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+                        "segmentation": encode_mask(mask), "score": float(score)})
+    return results
+
+
+def save_results(results: list[dict[str, Any]], path: str | Path) -> None:
+    atomic_write_json(path, results)
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    results = read_json(path)
+    if not isinstance(results, list):
+        raise ValueError(f"{path}: expected a json list of COCO result dicts")
+    return results
+
+
+def _as_coco(coco_gt: str | Path | dict | COCO) -> COCO:
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    gt = COCO()
+    gt.dataset = read_json(coco_gt) if isinstance(coco_gt, (str, Path)) else coco_gt
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _percent(value: float) -> float:
+    # pycocotools reports -1 where a metric has no data (e.g. no small objects).
+    return float("nan") if value < 0 else 100.0 * float(value)
+
+
+def evaluate_instances(coco_gt: str | Path | dict | COCO, results: list[dict[str, Any]] | str | Path,
+                       per_class: bool = True) -> dict[str, Any]:
+    """Mask AP, AP50, AP75, APs, APm, APl in percent (+ per-class AP and pycocotools' summary text).
+
+    `coco_gt`: a COCO instance json path, dict or COCO object; `results`: COCO result dicts or a
+    path to a json of them. Every result must refer to an image of the ground truth.
+    """
+    gt = _as_coco(coco_gt)
+    if isinstance(results, (str, Path)):
+        results = load_results(results)
+    known = set(gt.getImgIds())
+    unknown = sorted({int(r["image_id"]) for r in results} - known)
+    if unknown:
+        raise ValueError(f"results refer to image ids not in the ground truth: {unknown[:10]}")
+    names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
+    if not results:  # loadRes refuses an empty list; nothing predicted means AP 0.
+        out: dict[str, Any] = {name: 0.0 for name in METRIC_NAMES}
+        if per_class:
+            out["per_class"] = {name: 0.0 for name in names.values()}
+        out["summary"] = "no predictions"
+        return out
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it gets
+        ev = COCOeval(gt, dt, iouType="segm")
+        ev.params.imgIds = sorted(known)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    out = {name: _percent(v) for name, v in zip(METRIC_NAMES, ev.stats[[0, 1, 2, 3, 4, 5]])}
+    if per_class:
+        # precision: [iou thresholds, recall points, categories, area ranges, max dets]; area "all",
+        # 100 detections; -1 marks recall points without data.
+        precision = ev.eval["precision"][:, :, :, 0, -1]
+        out["per_class"] = {}
+        for k, cat_id in enumerate(ev.params.catIds):
+            p = precision[:, :, k]
+            p = p[p > -1]
+            out["per_class"][names[cat_id]] = 100.0 * float(p.mean()) if p.size else float("nan")
+    out["summary"] = summary.getvalue()
+    return out
