@@ -1,0 +1,131 @@
+"""Image encoders of the student: transformers' DINOv2 or ResNet backbone behind one interface.
+
+Both take normalised images whose height and width are multiples of 32 and return four
+feature levels meant for strides 4/8/16/32 of that input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Dinov2Backbone, Dinov2Config, ResNetBackbone, ResNetConfig
+
+# The ViT runs on a patch grid of (H/16, W/16): then reassembling its tokens by x4, x2, x1, x0.5
+# lands exactly on strides 4/8/16/32 of the input, whatever the patch size.
+VIT_GRID_STRIDE = 16
+
+
+@dataclass
+class EncoderOutput:
+    """ViT: four (B, 1 + N, C) token sequences (CLS first) on a `grid` of patches.
+    CNN: four (B, C_i, H/s_i, W/s_i) feature maps at strides 4/8/16/32."""
+
+    features: list[torch.Tensor]
+    grid: tuple[int, int] | None = None
+
+
+def _default_out_features(num_layers: int) -> list[str]:
+    # Four evenly spaced blocks: 3/6/9/12 for a 12-block ViT, as in DPT.
+    return [f"stage{num_layers * k // 4}" for k in range(1, 5)]
+
+
+def _check_pretrained_dir(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: pretrained encoder folder not found")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'}: not found; expected a transformers model folder")
+    return directory
+
+
+class DinoV2Encoder(nn.Module):
+    """DINOv2 (transformers `Dinov2Backbone`) returning the tokens of four blocks."""
+
+    is_vit = True
+
+    def __init__(self, encoder_config: dict[str, Any]) -> None:
+        super().__init__()
+        kwargs = dict(encoder_config)
+        num_layers = kwargs.get("num_hidden_layers", Dinov2Config().num_hidden_layers)
+        kwargs.setdefault("out_features", _default_out_features(num_layers))
+        # Tokens with CLS are kept for the DPT readout; the mask token only serves masked pretraining
+        # and would be a parameter without gradient (which DDP rejects).
+        kwargs.update(reshape_hidden_states=False, use_mask_token=False)
+        self.backbone = Dinov2Backbone(Dinov2Config(**kwargs))
+        if len(self.backbone.out_features) != 4:
+            raise ValueError(f"dinov2 encoder needs 4 out_features, got {self.backbone.out_features}")
+        self.hidden_size = self.backbone.config.hidden_size
+        self.patch_size = self.backbone.config.patch_size
+        self.out_channels = [self.hidden_size] * 4
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        height, width = pixel_values.shape[-2:]
+        grid = (height // VIT_GRID_STRIDE, width // VIT_GRID_STRIDE)
+        resized = F.interpolate(pixel_values, size=(grid[0] * self.patch_size, grid[1] * self.patch_size),
+                                mode="bilinear", align_corners=False)
+        return EncoderOutput(features=list(self.backbone(resized).feature_maps), grid=grid)
+
+    def load_pretrained(self, directory: str | Path) -> None:
+        """Load the weights of a local `facebook/dinov2-*` style folder into the backbone."""
+        directory = _check_pretrained_dir(directory)
+        training = self.training
+        self.backbone = Dinov2Backbone.from_pretrained(directory, config=self.backbone.config, dtype=torch.float32)
+        self.backbone.train(training)  # from_pretrained returns an eval-mode model
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet (transformers `ResNetBackbone`) returning its four stages (strides 4/8/16/32)."""
+
+    is_vit = False
+
+    def __init__(self, encoder_config: dict[str, Any]) -> None:
+        super().__init__()
+        kwargs = dict(encoder_config)
+        kwargs.setdefault("out_features", ["stage1", "stage2", "stage3", "stage4"])
+        self.backbone = ResNetBackbone(ResNetConfig(**kwargs))
+        if len(self.backbone.out_features) != 4:
+            raise ValueError(f"resnet encoder needs 4 out_features, got {self.backbone.out_features}")
+        self.out_channels = list(self.backbone.channels)
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        return EncoderOutput(features=list(self.backbone(pixel_values).feature_maps))
+
+    def load_pretrained(self, directory: str | Path) -> None:
+        """Load the weights of a local `microsoft/resnet-*` style folder into the backbone."""
+        directory = _check_pretrained_dir(directory)
+        training = self.training
+        self.backbone = ResNetBackbone.from_pretrained(directory, config=self.backbone.config, dtype=torch.float32)
+        self.backbone.train(training)  # from_pretrained returns an eval-mode model
+
+
+ENCODERS: dict[str, type[nn.Module]] = {"dinov2": DinoV2Encoder, "resnet": ResNetEncoder}
+CONFIGS = {"dinov2": Dinov2Config, "resnet": ResNetConfig}
+
+
+def build_encoder(encoder_type: str, encoder_config: dict[str, Any]) -> nn.Module:
+    """A randomly initialised encoder of `encoder_type` ("dinov2" | "resnet")."""
+    if encoder_type not in ENCODERS:
+        raise ValueError(f"unknown encoder type {encoder_type!r}; expected one of {sorted(ENCODERS)}")
+    return ENCODERS[encoder_type](encoder_config)
+
+
+def pretrained_encoder_config(encoder_type: str, directory: str | Path,
+                              out_features: list[str] | None = None) -> dict[str, Any]:
+    """The architecture of a local pretrained folder as encoder_config kwargs (json-serialisable)."""
+    directory = _check_pretrained_dir(directory)
+    config = CONFIGS[encoder_type].from_pretrained(directory)
+    kwargs = config.to_diff_dict()
+    for key in ("transformers_version", "architectures", "model_type", "stage_names", "out_indices",
+                "_name_or_path", "torch_dtype", "dtype"):
+        kwargs.pop(key, None)
+    if out_features is not None:
+        kwargs["out_features"] = out_features
+    elif encoder_type == "dinov2":
+        kwargs["out_features"] = _default_out_features(config.num_hidden_layers)
+    else:
+        kwargs["out_features"] = ["stage1", "stage2", "stage3", "stage4"]
+    return kwargs

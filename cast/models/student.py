@@ -1,0 +1,173 @@
+"""The CAST student: encoder -> neck (pixel decoder) -> masked-attention decoder, plus a pixel
+projection head for the contrastive loss. Computes the set-prediction loss when given targets."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from cast.losses.set_prediction import SetPredictionLoss
+from cast.models.config import FEATURE_STRIDES, StudentConfig, preset_config
+from cast.models.decoder import MaskedAttentionDecoder
+from cast.models.encoders import build_encoder, pretrained_encoder_config
+from cast.models.necks import DPTNeck, FPNNeck
+from cast.models.outputs import SegmentationOutput
+from cast.models.postprocess import instance_inference
+from cast.structures import Instances
+from cast.utils.io import atomic_save
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Inputs are padded to a multiple of the coarsest stride so every level has an integer size.
+SIZE_DIVISIBILITY = FEATURE_STRIDES[-1]
+# Embeddings/tokens that should not be pulled towards zero, besides all norms and biases.
+NO_DECAY_NAMES = ("queries_embedder", "queries_features", "level_embed", "position_embeddings", "cls_token",
+                  "mask_token", "register_tokens")
+
+
+class CastStudent(nn.Module):
+    """Mask2Former-style instance segmenter on a DINOv2 (or ResNet) encoder.
+
+    `forward` takes images in [0, 1] of any size and returns a `SegmentationOutput` whose mask
+    logits cover the input at stride 4 (ceil(H/4) x ceil(W/4)); it follows
+    `cast.teachers.base.SegmentationModel`.
+    """
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config.encoder_type, config.encoder_config)
+        if config.neck_type == "dpt":
+            self.neck: nn.Module = DPTNeck(self.encoder.hidden_size, config.neck_hidden_sizes, config.pixel_dim)
+        else:
+            self.neck = FPNNeck(self.encoder.out_channels, config.pixel_dim)
+        self.decoder = MaskedAttentionDecoder(config)
+        self.projection_head = nn.Sequential(nn.Conv2d(config.pixel_dim, config.pixel_dim, kernel_size=1), nn.ReLU(),
+                                             nn.Conv2d(config.pixel_dim, config.projection_dim, kernel_size=1))
+        self.criterion = SetPredictionLoss(config)
+        self.register_buffer("pixel_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.class_names)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
+                targets: list[dict[str, torch.Tensor]] | None = None) -> SegmentationOutput:
+        """pixel_values (B, 3, H, W) in [0, 1]; pixel_mask (B, H, W) True on real pixels; targets
+        as in `SetPredictionLoss` (masks covering the input, at its size or any other)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        height, width = pixel_values.shape[-2:]
+        pixels = (pixel_values - self.pixel_mean) / self.pixel_std
+        if pixel_mask is not None:
+            # Collate padding becomes the mean colour (0 after normalising), like the padding below.
+            pixels = pixels * pixel_mask[:, None].to(pixels.dtype)
+        pixels = F.pad(pixels, (0, (-width) % SIZE_DIVISIBILITY, 0, (-height) % SIZE_DIVISIBILITY))
+
+        features = self.neck(self.encoder(pixels))
+        class_logits, mask_logits = self.decoder(features)
+        mask_size = (math.ceil(height / 4), math.ceil(width / 4))
+        mask_logits = [m[..., :mask_size[0], :mask_size[1]] for m in mask_logits]
+        stride = self.config.projection_stride
+        embeddings = self.projection_head(features[FEATURE_STRIDES.index(stride)])
+        embeddings = embeddings[..., :math.ceil(height / stride), :math.ceil(width / stride)]
+
+        aux_outputs = [{"class_logits": c, "mask_logits": m} for c, m in zip(class_logits[:-1], mask_logits[:-1])]
+        output = SegmentationOutput(class_logits=class_logits[-1], mask_logits=mask_logits[-1],
+                                    aux_outputs=aux_outputs, embeddings=embeddings)
+        if targets is not None:
+            targets = _pad_targets(targets, (height, width), (4 * mask_size[0], 4 * mask_size[1]))
+            output.loss, output.loss_dict = self.criterion(output.class_logits, output.mask_logits, targets,
+                                                           aux_outputs)
+        return output
+
+    @torch.no_grad()
+    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
+                image_sizes: list[tuple[int, int]] | None = None,
+                orig_sizes: list[tuple[int, int]] | None = None) -> list[Instances]:
+        """Instances per image (eval mode for the call), cropped to image_sizes, resized to orig_sizes."""
+        was_training = self.training
+        self.eval()
+        try:
+            output = self.forward(pixel_values, pixel_mask)
+        finally:
+            self.train(was_training)
+        return instance_inference(output.class_logits, output.mask_logits, tuple(pixel_values.shape[-2:]),
+                                  image_sizes, orig_sizes, top_k=self.config.top_k,
+                                  score_threshold=self.config.score_threshold)
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_multiplier: float) -> list[dict]:
+        """AdamW groups: encoder at lr * backbone_lr_multiplier; no weight decay on norms, biases,
+        position/query/level embeddings; trainable parameters only; empty groups left out."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            backbone = name.startswith("encoder.")
+            decay = param.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
+            groups.setdefault((backbone, decay), []).append(param)
+        return [{"params": params, "lr": lr * (backbone_lr_multiplier if backbone else 1.0),
+                 "weight_decay": weight_decay if decay else 0.0,
+                 "name": f"{'backbone' if backbone else 'head'}_{'decay' if decay else 'no_decay'}"}
+                for (backbone, decay), params in sorted(groups.items())]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors into `directory` (each atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_save(directory / WEIGHTS_NAME, lambda tmp: save_model(self, str(tmp)))
+        self.config.save(directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CastStudent":
+        """Load a student written by `save_pretrained`."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory}: student folder not found")
+        model = cls(StudentConfig.load(directory / CONFIG_NAME))
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: file not found")
+        try:
+            load_model(model, str(weights), strict=True, device=str(map_location))
+        except (SafetensorError, RuntimeError) as e:
+            raise ValueError(f"{weights}: cannot load the weights into a {model.config.preset or 'custom'} "
+                             f"student: {e}") from None
+        return model
+
+
+def _pad_targets(targets: list[dict[str, torch.Tensor]], input_size: tuple[int, int],
+                 covered_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+    """Pad input-sized target masks to the extent the stride-4 logits cover (input rounded up to 4)."""
+    if input_size == covered_size:
+        return targets
+    pad = (0, covered_size[1] - input_size[1], 0, covered_size[0] - input_size[0])
+    return [{**t, "masks": F.pad(t["masks"], pad)} if tuple(t["masks"].shape[-2:]) == input_size else t
+            for t in targets]
+
+
+def build_student(preset: str, num_classes: int, class_names: list[str] | None = None,
+                  pretrained_encoder: str | Path | None = None, **overrides: Any) -> CastStudent:
+    """A student from a preset ("cast-s", "cast-r50", "cast-tiny", "demo-student", "demo-teacher").
+
+    `pretrained_encoder`: a local transformers folder (facebook/dinov2-small layout, or
+    microsoft/resnet-50 for "cast-r50") whose architecture and weights replace the preset's
+    encoder; otherwise the encoder is randomly initialised. `overrides` replace config fields.
+    """
+    config = preset_config(preset, num_classes, class_names, **overrides)
+    if pretrained_encoder is not None:
+        # The preset's block choice fits the preset's depth, not necessarily the pretrained one's.
+        out_features = overrides.get("encoder_config", {}).get("out_features")
+        config.encoder_config = pretrained_encoder_config(config.encoder_type, pretrained_encoder, out_features)
+        config.pretrained_encoder = str(pretrained_encoder)
+    model = CastStudent(config)
+    if pretrained_encoder is not None:
+        model.encoder.load_pretrained(pretrained_encoder)
+    return model
