@@ -1,6 +1,6 @@
 """What the inspection app shows, as plain functions of a run folder (the UI is apps/inspect.py).
 
-- `RunData`: the images of a run (val, labeled, unlabeled), their ground truth, every stage's
+- `RunContents`: the images of a run (val, labeled, unlabeled), their ground truth, every stage's
   pseudo-labels and every model's predictions, read from the run folder (`cast.runs.RunFolder`)
   and the data folder its config names. Images are asked for by a key (their path relative to
   the data folder) that is resolved and checked: no request reads a file outside the run and
@@ -38,12 +38,12 @@ from cast.data.splits import load_split
 from cast.data.views import EvalTransform, WeakStrongViews
 from cast.losses.contrastive import STRATEGIES, pixel_probabilities, sample_negatives
 from cast.models.student import CastStudent
+from cast.pipeline.runner import DATA_SPLITS, read_dataset
 from cast.runs import STAGES, RunFolder
 from cast.structures import InstanceSample
 from cast.utils.io import read_json
 
 GROUND_TRUTH = "ground_truth"
-SPLIT_TAGS = ("val", "labeled", "unlabeled")
 # Uploads: what the app accepts, decided before any pixel is decoded.
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 4096 * 4096
@@ -166,26 +166,17 @@ def _data_root(run_dir: Path, cfg: CastConfig) -> Path:
 
 
 def open_datasets(cfg: CastConfig, data_root: Path) -> tuple[InstanceDataset, InstanceDataset]:
-    """(train, val) data sets of the run's data kind, read from `data_root`."""
-    kind = cfg.data.kind
-    if kind == "demo":
-        from cast.data.coco import read_coco
-        return (read_coco(data_root / "target_train" / "annotations.json", progress=False),
-                read_coco(data_root / "target_val" / "annotations.json", progress=False))
-    if kind == "coco":
-        from cast.data.coco import read_coco
-        return (read_coco(data_root / "annotations" / "train.json", data_root / "train", progress=False),
-                read_coco(data_root / "annotations" / "val.json", data_root / "val", progress=False))
-    if kind == "cityscapes":
-        from cast.data.cityscapes import read_cityscapes
-        return read_cityscapes(data_root, "train"), read_cityscapes(data_root, "val")
-    if kind == "ade20k":
-        from cast.data.ade20k import read_ade20k_instances
-        return read_ade20k_instances(data_root, "training"), read_ade20k_instances(data_root, "validation")
-    raise ValueError(f"data kind {kind!r} is not supported by the inspection tools")
+    """(train, val) data sets of the run, read as the pipeline reads them (val capped at
+    `data.max_val_images` like the pipeline's evaluation)."""
+    train_split, val_split = DATA_SPLITS[cfg.data.kind]
+    train = read_dataset(cfg.data.kind, data_root, train_split)
+    val = read_dataset(cfg.data.kind, data_root, val_split)
+    if cfg.data.max_val_images is not None:
+        val = val.subset(val.image_ids[: cfg.data.max_val_images])
+    return train, val
 
 
-class RunData:
+class RunContents:
     """Read-only view of a run folder and its data: images, ground truth, pseudo-labels, predictions.
 
     Args:
@@ -455,7 +446,10 @@ class PixelExplanation:
         """A json-ready description (coordinates in original pixels)."""
         x, y = self.grid.centres(np.array([self.anchor]))[0]
         flat = self.weights.reshape(-1)
+        # An anchor cell mostly off the image (bottom/right border) is padding to the loss: it is
+        # no anchor there and its draws are uniform placeholders.
         return {"strategy": strategy, "grid": list(self.grid.size), "anchor_cell": int(self.anchor),
+                "anchor_cell_on_image": bool(self.grid.valid()[self.anchor]),
                 "anchor_centre": [float(x), float(y)], "weight_at_anchor": float(flat[self.anchor]),
                 "max_weight": float(flat.max()), "num_negatives": int(len(self.negatives)),
                 "negative_cells": [int(c) for c in self.negatives],
@@ -581,29 +575,29 @@ def read_upload(path: str | os.PathLike, max_bytes: int = MAX_UPLOAD_BYTES,
                 max_pixels: int = MAX_UPLOAD_PIXELS) -> np.ndarray:
     """An uploaded file as (H, W, 3) uint8 RGB; ValueError naming the file when it is no image of
     an accepted format, larger than `max_bytes` or has more than `max_pixels` pixels (checked from
-    the header, before decoding)."""
+    the header, before decoding). Decoding is `cast.data.images.load_image`'s (EXIF orientation,
+    alpha, 16-bit), so an upload is read exactly like a data set image."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path.name}: uploaded file not found")
     size = path.stat().st_size
     if size > max_bytes:
-        raise ValueError(f"{path.name}: file is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB allowed")
+        raise ValueError(f"{path.name}: file is {size / 2**20:.1f} MiB, more than the "
+                         f"{max_bytes / 2**20:.0f} MiB allowed")
     try:
         with Image.open(path) as image:
-            if image.format not in UPLOAD_FORMATS:
-                raise ValueError(f"{path.name}: {image.format} images are not accepted; "
-                                 f"use one of {', '.join(UPLOAD_FORMATS)}")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ValueError(f"{path.name}: {width}x{height} pixels is more than the {max_pixels} allowed")
-            image.load()
-            return np.ascontiguousarray(np.asarray(image.convert("RGB"), np.uint8))
+            kind, (width, height) = image.format, image.size
     except UnidentifiedImageError:
         raise ValueError(f"{path.name}: not an image (no image format recognised)") from None
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path.name}: image too large to decode safely: {e}") from None
     except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path.name}: truncated or corrupt image ({e})") from None
+        raise ValueError(f"{path.name}: unreadable image header ({e})") from None
+    if kind not in UPLOAD_FORMATS:
+        raise ValueError(f"{path.name}: {kind} images are not accepted; use one of {', '.join(UPLOAD_FORMATS)}")
+    if width * height > max_pixels:
+        raise ValueError(f"{path.name}: {width}x{height} pixels is more than the {max_pixels} allowed")
+    return load_image(path)
 
 
 # --------------------------------------------------------------------------- the app's actions
@@ -614,7 +608,7 @@ class RunInspector:
     serialised (the app serves several requests at once on a CPU)."""
 
     def __init__(self, run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None) -> None:
-        self.data = RunData(run_dir, data_root)
+        self.data = RunContents(run_dir, data_root)
         self._models: dict[str, CastStudent] = {}
         self._lock = threading.Lock()
 

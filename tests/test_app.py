@@ -25,7 +25,7 @@ from cast.config import CastConfig, DataConfig, LossConfig, save_config
 from cast.data import demo
 from cast.data.coco import read_coco
 from cast.data.splits import make_split, save_split
-from cast.inspection import (GROUND_TRUTH, ImageInstances, PixelGrid, RunData, RunInspector, UnsafePathError,
+from cast.inspection import (GROUND_TRUTH, ImageInstances, PixelGrid, RunContents, RunInspector, UnsafePathError,
                              colour_of, draw_instances, enlarge, explain_pixel, instance_id_map, read_upload,
                              resolve_inside)
 from cast.models.outputs import SegmentationOutput
@@ -283,7 +283,7 @@ def test_explain_with_a_saved_student(inspector):
     heat, positive, summary = inspector.explain(key, MODEL_STAGE, "fusion", x=20, y=30, num_negatives=16)
     image = inspector.data.pixels(key)
     assert heat.shape == positive.shape == enlarge(image, inspector.scale(key)).shape
-    assert summary["grid"] == [8, 8] and summary["weight_at_anchor"] == 0.0
+    assert summary["grid"] == [8, 8] and summary["weight_at_anchor"] == 0.0 and summary["anchor_cell_on_image"]
     assert summary["num_negatives"] == len(summary["negative_cells"]) == 16
     assert summary["anchor_cell"] not in summary["negative_cells"]
     assert all(w > 0 for w in summary["negative_weights"])
@@ -317,6 +317,12 @@ def test_read_upload_refuses_what_is_not_an_acceptable_image(tmp_path):
         read_upload(good, max_pixels=500)
     with pytest.raises(ValueError, match="MiB allowed"):
         read_upload(good, max_bytes=10)
+    truncated = tmp_path / "cut.png"
+    noisy = tmp_path / "noisy.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noisy)
+    truncated.write_bytes(noisy.read_bytes()[:6000])  # header intact, pixel data cut
+    with pytest.raises(ValueError, match="cut.png: truncated or corrupt"):
+        read_upload(truncated)
     gif = tmp_path / "anim.gif"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(gif)
     with pytest.raises(ValueError, match="GIF images are not accepted"):
@@ -345,10 +351,10 @@ def test_paths_outside_the_run_and_data_folders_are_refused(inspector, tmp_path)
 
 def test_run_data_names_missing_pieces(tmp_path):
     with pytest.raises(FileNotFoundError, match="run folder not found"):
-        RunData(tmp_path / "nope")
+        RunContents(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.yaml"):
-        RunData(tmp_path / "empty")
+        RunContents(tmp_path / "empty")
 
 
 # --------------------------------------------------------------------------- the Gradio app
