@@ -3,6 +3,7 @@
     run               the whole CAST pipeline into runs/<name>/
     ablate            one of the paper's ablation studies into runs/<name>/ablations/
     pretrain-teacher  only pretrain (or find in the cache) the demo's stand-in teacher
+    fiftyone          export a finished run to a FiftyOne dataset and open the FiftyOne App
 
 Launch any of them under torchrun (`torchrun --nproc_per_node N -m cast run ...`) to train with
 DDP: gloo on CPU, nccl on CUDA.
@@ -29,7 +30,22 @@ def _parser() -> argparse.ArgumentParser:
     ablate = sub.add_parser("ablate", parents=[common], help="run one ablation study of the paper")
     ablate.add_argument("--study", required=True, choices=ABLATION_STUDIES)
     sub.add_parser("pretrain-teacher", parents=[common], help="pretrain the demo's stand-in teacher")
+    fo = sub.add_parser("fiftyone", help="open a run in the FiftyOne App (127.0.0.1)")
+    fo.add_argument("--run", required=True, help="run folder, e.g. runs/demo")
+    fo.add_argument("--port", type=int, default=5151)
+    fo.add_argument("--data-root", help="data folder when it moved since the run")
     return parser
+
+
+def _fiftyone(args: argparse.Namespace) -> int:
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    from cast.integrations.fiftyone_export import launch
+
+    if not os.path.isdir(args.run):
+        print(f"error: {args.run}: no such run folder", file=sys.stderr)
+        return 2
+    launch(args.run, port=args.port, address="127.0.0.1", data_root=args.data_root)
+    return 0
 
 
 def _config(args: argparse.Namespace) -> CastConfig:
@@ -39,6 +55,8 @@ def _config(args: argparse.Namespace) -> CastConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "fiftyone":
+        return _fiftyone(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders only
     try:
         cfg = _config(args)
@@ -49,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cast.training.distributed import cleanup, init_distributed
 
     from cast.data.errors import DataError
-    from cast.training.checkpoint import CheckpointWriteError
     from cast.training.trainer import NonFiniteLossError
 
     ctx = init_distributed(cfg.device)
@@ -72,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = pretrain_teacher(cfg, ctx)
             if ctx.is_main:
                 print(f"stand-in teacher: {path}")
-    except (DataError, FileNotFoundError, CheckpointWriteError, NonFiniteLossError) as e:
-        # Problems with the user's files or the run itself: the message names what and where.
+    except (DataError, OSError, NonFiniteLossError) as e:
+        # Problems with the user's files, the disk or the run itself: the message names what and where.
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
