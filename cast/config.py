@@ -83,6 +83,7 @@ class TeacherPretrainConfig:
 class TeacherConfig:
     kind: str = "standin"
     preset: str = "demo-teacher"  # stand-in teacher: a preset of cast.models.build_student
+    preset_overrides: dict[str, Any] = field(default_factory=dict)  # StudentConfig fields to replace
     grounding_dino_dir: str | None = None  # local from_pretrained folders of the VFM teacher
     sam_dir: str | None = None
     box_threshold: float = 0.3
@@ -95,6 +96,7 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     preset: str = "demo-student"
+    preset_overrides: dict[str, Any] = field(default_factory=dict)  # StudentConfig fields to replace
     pretrained_encoder_dir: str | None = None  # local DINOv2 folder; None = random init
 
 
@@ -118,7 +120,8 @@ class LossConfig:
     num_negatives: int = 200  # R
     temperature_start: float = 0.35
     temperature_end: float = 0.07
-    embedding_stride: int = 8  # stride of the projection head's pixels (checked against the model)
+    # Feature level (stride) the student's projection head reads; sets the L_pxl pixel grid.
+    embedding_stride: int = 8
 
 
 @dataclass
@@ -182,6 +185,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: key '{key}': expected a mapping, got {value!r}")
         return _build(tp, value, key, source)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -307,6 +314,20 @@ def _validate_train(t: TrainConfig, source: str, key: str) -> None:
     _check(t.eval_every >= 0, source, f"{key}.eval_every", f"must be >= 0, got {t.eval_every}")
 
 
+def _validate_preset(preset: str, overrides: dict[str, Any], source: str, section: str) -> None:
+    """The model preset exists and its overrides are valid StudentConfig fields and values."""
+    from cast.models.config import PRESETS, preset_config
+
+    _check(preset in PRESETS, source, f"{section}.preset", f"{preset!r} is not one of {', '.join(sorted(PRESETS))}")
+    reserved = {"num_classes", "class_names", "preset", "projection_stride"} & set(overrides)
+    _check(not reserved, source, f"{section}.preset_overrides",
+           f"{sorted(reserved)} are set by the run (data classes, losses.embedding_stride)")
+    try:
+        preset_config(preset, 1, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: key '{section}.preset_overrides': {e}") from None
+
+
 def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool = True) -> None:
     """Check every value that can be checked without touching data or models."""
     _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), source, "name",
@@ -340,6 +361,10 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
     _check(t.max_instances >= 1, source, "teacher.max_instances", f"must be >= 1, got {t.max_instances}")
     _validate_train(t.pretrain.train, source, "teacher.pretrain.train")
 
+    if t.kind == "standin":
+        _validate_preset(t.preset, t.preset_overrides, source, "teacher")
+    _validate_preset(cfg.student.preset, cfg.student.preset_overrides, source, "student")
+
     for stage in (f.name for f in dataclasses.fields(TrainingConfig)):
         _validate_train(cfg.stage(stage), source, f"training.{stage}")
 
@@ -350,7 +375,8 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
     _check(lo.temperature_end > 0, source, "losses.temperature_end", f"must be > 0, got {lo.temperature_end}")
     _check(lo.temperature_start >= lo.temperature_end, source, "losses.temperature_start",
            f"must be >= temperature_end ({lo.temperature_end}), got {lo.temperature_start}")
-    _check(lo.embedding_stride >= 1, source, "losses.embedding_stride", f"must be >= 1, got {lo.embedding_stride}")
+    _check(lo.embedding_stride in (4, 8, 16, 32), source, "losses.embedding_stride",
+           f"must be one of 4, 8, 16, 32 (a feature level of the model), got {lo.embedding_stride}")
     # Negatives are drawn from the other pixels of the smallest batch the loss sees.
     h, w = d.crop_size
     pixels = min(d.batch_size, d.unlabeled_batch_size) * (h // lo.embedding_stride) * (w // lo.embedding_stride)

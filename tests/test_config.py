@@ -32,6 +32,8 @@ def test_defaults_and_nested_values(tmp_path):
     assert cfg.stage("knowledge_transfer").lr == 5e-5 and cfg.stage("knowledge_transfer").steps == 7
     assert cfg.stage("student_refinement").steps == 100  # untouched stages keep their defaults
     assert cfg.data.crop_size == [64, 96] and cfg.run_dir == Path("runs/x")
+    cfg = load_config(_write(tmp_path, {"student": {"preset_overrides": {"num_queries": 12, "decoder_layers": 2}}}))
+    assert cfg.student.preset_overrides == {"num_queries": 12, "decoder_layers": 2}
 
 
 def test_overrides_and_round_trip(tmp_path):
@@ -67,6 +69,12 @@ def test_overrides_and_round_trip(tmp_path):
     ({"pseudo_labels": {"score_threshold": 2.0}}, "pseudo_labels.score_threshold", "must be in [0, 1]"),
     ({"ablations": {"label_fractions": [0.1, 0.0]}}, "ablations.label_fractions", "must be in (0, 1]"),
     ({"name": "a/b"}, "name", "plain folder name"),
+    ({"student": {"preset": "cast-xxl"}}, "student.preset", "is not one of"),
+    ({"teacher": {"preset_overrides": {"num_querys": 5}}}, "teacher.preset_overrides", "unknown StudentConfig keys"),
+    ({"student": {"preset_overrides": {"hidden_dim": 90, "num_heads": 4}}}, "student.preset_overrides",
+     "not divisible by num_heads"),
+    ({"student": {"preset_overrides": {"projection_stride": 4}}}, "student.preset_overrides", "set by the run"),
+    ({"losses": {"embedding_stride": 6}}, "losses.embedding_stride", "must be one of 4, 8, 16, 32"),
 ])
 def test_invalid_values_name_the_key(tmp_path, values, key, problem):
     message = _error(tmp_path, values)

@@ -127,3 +127,18 @@ def test_broken_data_names_the_file(tmp_path, capsys):
     config.write_text(yaml.safe_dump(values))
     assert main(["run", "--config", str(config)]) == 1
     assert "annotations.json" in capsys.readouterr().err
+
+
+def test_unwritable_run_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from cast.pipeline import runner
+
+    def read_only(path, text):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(runner, "atomic_write_text", read_only)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    assert main(["run", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"run folder {tmp_path / 'runs' / 'tiny'} is not writable: Read-only file system" in err
+    assert not (tmp_path / "data").exists()  # refused before generating data or training

@@ -64,7 +64,7 @@ class Ablation:
 
     def evaluate(self, name: str, model: torch.nn.Module) -> dict[str, Any]:
         meta = self.evaluator(name, model)
-        return {"AP": 100 * meta["metrics"]["AP"], "AP50": 100 * meta["metrics"]["AP50"]}
+        return {"AP": meta["metrics"]["AP"], "AP50": meta["metrics"]["AP50"]}
 
     def student(self) -> torch.nn.Module:
         return new_student(self.cfg, self.main.data)

@@ -24,6 +24,7 @@ import cast
 from cast.config import PseudoLabelConfig
 from cast.data.loader import InstanceTorchDataset, collate_instances
 from cast.data.views import EvalTransform
+from cast.evaluation import instances_to_coco
 from cast.structures import InstanceSample, Instances
 from cast.training.checkpoint import unwrap
 from cast.training.distributed import DistContext, all_gather_objects, barrier, shard
@@ -43,18 +44,12 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def instances_to_results(instances: Instances, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """COCO result dicts (compressed RLE) of one image's predicted instances."""
-    if len(instances) == 0:
-        return []
-    masks = np.asfortranarray(instances.masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
-    rles = mask_utils.encode(masks)
-    areas = mask_utils.area(rles)
-    boxes = mask_utils.toBbox(rles)
-    results = []
-    for rle, area, box, label, score in zip(rles, areas, boxes, instances.labels.tolist(), instances.scores.tolist()):
-        results.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
-                        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                        "score": float(score), "area": int(area), "bbox": [float(v) for v in box]})
+    """COCO result dicts (compressed RLE) of one image's instances, with mask area and box."""
+    results = instances_to_coco(instances, image_id, category_ids)
+    for r in results:
+        rle = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode("ascii")}
+        r["area"] = int(mask_utils.area(rle))
+        r["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
     return results
 
 

@@ -32,15 +32,15 @@ PAPER_EFFICIENCY = ("teacher 568 M parameters, 880 GFLOPs, 350.9 ms; student 52 
 
 
 def make_row(key: str, metrics: dict[str, float], efficiency: dict[str, float], wall_s: float | None) -> dict:
-    """One table row; AP in percent (0-100) like the paper."""
+    """One table row; `metrics` AP and AP50 in percent (0-100) like the paper."""
     name = dict(ROWS).get(key, key)
-    return {"name": name, "model": key, "AP": _pct(metrics.get("AP")), "AP50": _pct(metrics.get("AP50")),
+    return {"name": name, "model": key, "AP": _round(metrics.get("AP")), "AP50": _round(metrics.get("AP50")),
             "params_m": efficiency.get("params_m"), "gflops": efficiency.get("gflops"),
             "latency_ms": efficiency.get("latency_ms"), "wall_s": wall_s}
 
 
-def _pct(value: float | None) -> float | None:
-    return None if value is None else round(100.0 * float(value), 2)
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 2)
 
 
 def make_report(rows: list[dict], cfg: CastConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -8,8 +8,6 @@ checkpoint. Every process of a torchrun launch runs this same code; rank 0 write
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,13 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from cast.config import CastConfig, save_config
 from cast.data.dataset import InstanceDataset, UnlabeledImages
 from cast.data.splits import apply_split, load_split, make_split, save_split
 from cast.efficiency import profile_model
+from cast.evaluation import evaluate_instances
 from cast.models.student import CastStudent, build_student
 from cast.pipeline.pseudo_labels import PseudoLabeledImages, predict_results, pseudo_label, weights_hash
 from cast.pipeline.report import make_report, make_row, write_report
@@ -116,7 +113,7 @@ def new_student(cfg: CastConfig, data: RunData) -> CastStudent:
     torch.manual_seed(stage_seed(cfg, "student_init"))
     return build_student(cfg.student.preset, len(data.classes), data.classes,
                          pretrained_encoder=cfg.student.pretrained_encoder_dir,
-                         projection_stride=cfg.losses.embedding_stride)
+                         projection_stride=cfg.losses.embedding_stride, **cfg.student.preset_overrides)
 
 
 class TeacherSource:
@@ -158,23 +155,9 @@ class TeacherSource:
 # --------------------------------------------------------------------------- evaluation
 
 
-def coco_ap(gt: COCO, results: list[dict[str, Any]]) -> dict[str, float]:
-    """Mask AP and AP50 (fractions in [0, 1]) of COCO `results` against `gt`."""
-    if not results:
-        return {"AP": 0.0, "AP50": 0.0}
-    with _quiet():
-        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it is given
-        ev = COCOeval(gt, dt, iouType="segm")
-        ev.params.imgIds = sorted(gt.getImgIds())
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"AP": max(float(ev.stats[0]), 0.0), "AP50": max(float(ev.stats[1]), 0.0)}
-
-
-def _quiet() -> contextlib.AbstractContextManager:
-    """Silence pycocotools' prints on stdout."""
-    return contextlib.redirect_stdout(io.StringIO())
+def _none_if_nan(value: Any) -> Any:
+    # json has no NaN; pycocotools' "no data" becomes null.
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 class Evaluator:
@@ -182,20 +165,24 @@ class Evaluator:
 
     def __init__(self, cfg: CastConfig, data: RunData, folder: RunFolder, ctx: DistContext) -> None:
         self.cfg, self.data, self.folder, self.ctx = cfg, data, folder, ctx
-        self._gt: COCO | None = None
+        self._gt: dict[str, Any] | None = None
         first = data.val[0]
         scale = cfg.data.test_size / min(first.height, first.width)
         self.profile_size = (round(first.height * scale), round(first.width * scale))
 
     @property
-    def gt(self) -> COCO:
+    def gt(self) -> dict[str, Any]:
+        """The val ground truth as a COCO json dict (built once)."""
         if self._gt is None:
-            gt = COCO()
-            gt.dataset = self.data.val.coco_gt(progress=False)
-            with _quiet():
-                gt.createIndex()
-            self._gt = gt
+            self._gt = self.data.val.coco_gt(progress=False)
         return self._gt
+
+    def ap(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Mask AP metrics in percent (pycocotools); metrics without data are None."""
+        metrics = evaluate_instances(self.gt, results)
+        metrics.pop("summary", None)
+        metrics["per_class"] = {k: _none_if_nan(v) for k, v in metrics.get("per_class", {}).items()}
+        return {k: v if k == "per_class" else _none_if_nan(v) for k, v in metrics.items()}
 
     def _predict(self, model: torch.nn.Module, desc: str) -> list[dict[str, Any]]:
         return predict_results(model, self.data.val, self.data.category_ids, self.cfg.data.test_size,
@@ -205,7 +192,10 @@ class Evaluator:
     def during_training(self, model: torch.nn.Module) -> dict[str, float]:
         """AP / AP50 for the metrics log (no files written)."""
         results = self._predict(model, "val")
-        return broadcast_object(coco_ap(self.gt, results) if self.ctx.is_main else None)
+        if not self.ctx.is_main:
+            return broadcast_object(None)
+        metrics = self.ap(results)
+        return broadcast_object({"AP": metrics["AP"], "AP50": metrics["AP50"]})
 
     def __call__(self, key: str, model: torch.nn.Module) -> dict[str, Any]:
         """AP, AP50 and the efficiency profile of `model`, written as predictions/<key>_val.json."""
@@ -220,7 +210,7 @@ class Evaluator:
         if self.ctx.is_main:
             atomic_write_json(self.folder.predictions(key), results)
             meta = {"model": key, "weights_hash": digest, "image_ids": self.data.val.image_ids,
-                    "metrics": coco_ap(self.gt, results),
+                    "metrics": self.ap(results),
                     "efficiency": profile_model(unwrap(model), self.profile_size, device=self.ctx.device)}
             atomic_write_json(meta_path, meta, indent=1)
         return broadcast_object(meta)
@@ -350,7 +340,7 @@ def prepare_run_folder(cfg: CastConfig, folder: RunFolder, ctx: DistContext) -> 
             atomic_write_text(probe, "ok")
             probe.unlink()
         except OSError as e:
-            raise OSError(e.errno, f"run folder {folder.root} is not writable: {e.strerror or e}") from None
+            raise OSError(f"run folder {folder.root} is not writable: {e.strerror or e}") from None
         save_config(cfg, folder.config)
     barrier()
 

@@ -28,7 +28,8 @@ from cast.training.distributed import DistContext, barrier
 
 def cache_key(cfg: CastConfig, classes: Sequence[str]) -> str:
     """Hash of what determines the pretrained teacher."""
-    identity = {"preset": cfg.teacher.preset, "embedding_stride": cfg.losses.embedding_stride,
+    identity = {"preset": cfg.teacher.preset, "overrides": cfg.teacher.preset_overrides,
+                "embedding_stride": cfg.losses.embedding_stride,
                 "train": dataclasses.asdict(cfg.teacher.pretrain.train), "source": cfg.teacher.pretrain.source,
                 "data_root": str(Path(cfg.data.root).resolve()), "demo": dataclasses.asdict(cfg.data.demo),
                 "crop_size": cfg.data.crop_size, "batch_size": cfg.data.batch_size, "seed": cfg.seed,
@@ -44,7 +45,7 @@ def new_teacher(cfg: CastConfig, classes: Sequence[str]) -> CastStudent:
     """The untrained stand-in teacher, initialised from the run seed."""
     torch.manual_seed(stage_seed(cfg, "teacher_pretrain"))
     return build_student(cfg.teacher.preset, len(classes), list(classes),
-                         projection_stride=cfg.losses.embedding_stride)
+                         projection_stride=cfg.losses.embedding_stride, **cfg.teacher.preset_overrides)
 
 
 def pretrain_standin_teacher(cfg: CastConfig, source: Sequence[InstanceSample], classes: Sequence[str],
