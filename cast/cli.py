@@ -64,9 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Heavy imports only once the config is known to be valid.
-    from cast.training.distributed import cleanup, init_distributed
-
     from cast.data.errors import DataError
+    from cast.training.distributed import cleanup, init_distributed
     from cast.training.trainer import NonFiniteLossError
 
     ctx = init_distributed(cfg.device)
