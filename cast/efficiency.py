@@ -7,20 +7,22 @@ Conventions (so numbers compare with the paper's "GFLOPs"):
 - latency_ms: median wall time of one forward pass (no grad) after `warmup` passes.
 - peak_mem_mb: on CUDA, torch.cuda.max_memory_allocated during the timed passes minus the
   memory allocated before them ("cuda_max_allocated"). On CPU, the peak resident set size
-  during the passes minus the resident size before them: on Linux the peak (VmHWM) is reset
-  through /proc/self/clear_refs first ("cpu_peak_rss"); elsewhere it is the growth of
-  resource.getrusage's ru_maxrss, 0 if the process had peaked higher before
-  ("cpu_max_rss_growth"). `peak_mem_source` says which one was measured.
+  during the passes minus the resident size before them ("cpu_peak_rss"): on Linux, freed
+  heap memory is first returned to the OS (glibc malloc_trim) and the peak (VmHWM) is reset
+  through /proc/self/clear_refs, so this approximates the passes' working memory. Elsewhere
+  it is the growth of resource.getrusage's ru_maxrss, 0 if the process had peaked higher
+  before ("cpu_max_rss_growth"). `peak_mem_source` says which one was measured.
 - fps: images per second = batch_size / median latency.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import re
 import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -55,6 +57,10 @@ class _CpuPeakMemory:
     """Peak RSS growth over a code region (see the module docstring for the two methods)."""
 
     def start(self) -> None:
+        # Hand memory freed by earlier passes back to the OS (glibc keeps it otherwise), so the
+        # timed passes have to fault their working memory in again and the peak shows it.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
@@ -86,7 +92,7 @@ def profile_model(model: nn.Module, input_size: tuple[int, int] = (512, 1024), b
     model = model.to(device).eval()
     pixel_values = torch.rand(batch_size, 3, int(input_size[0]), int(input_size[1]), device=device)
     flops = forward_flops(model, pixel_values)
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext())
 
     with torch.no_grad(), autocast:
         for _ in range(warmup):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from cast.losses.set_prediction import SetPredictionLoss
@@ -123,3 +124,19 @@ def test_bad_targets_are_rejected(loss_fn):
         loss_fn(class_logits, mask_logits, [targets[0], {**targets[1], "labels": torch.tensor([0, 1])}])
     with pytest.raises(ValueError, match="needs 'masks' and 'labels'"):
         loss_fn(class_logits, mask_logits, [targets[0], {"labels": torch.tensor([0])}])
+
+
+def test_loss_inside_a_process_group(loss_fn, tmp_path):
+    # With torch.distributed up, the mask count goes through all_reduce (identity for one process).
+    targets = make_targets()
+    class_logits, mask_logits = torch.randn(2, QUERIES, 4), torch.randn(2, QUERIES, 8, 8)
+    torch.manual_seed(1)
+    _, alone = loss_fn(class_logits, mask_logits, targets)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(1)
+        _, grouped = loss_fn(class_logits, mask_logits, targets)
+    finally:
+        dist.destroy_process_group()
+    for name in alone:
+        torch.testing.assert_close(grouped[name], alone[name])

@@ -78,6 +78,16 @@ def coco_mask_ap(predictions: list[Instances], targets: list[dict[str, torch.Ten
     return 100.0 * float(evaluator.stats[0])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny model's ops are too small to gain from two threads, and on a busy machine the
+    # thread hand-offs made the overfit run several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny() -> CastStudent:
     torch.manual_seed(0)
