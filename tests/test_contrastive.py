@@ -95,15 +95,22 @@ def test_loss_is_stable_at_low_temperature():
 
 def test_pair_dots_cpu_sparse_and_chunked_paths_agree():
     x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    rows = torch.sort(torch.randint(0, 9, (40,))).values
+    rows = torch.sort(torch.randint(0, 9, (40,))).values  # repeated pairs included
     cols = torch.randint(0, 9, (40,))
+    crow = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(rows, minlength=9), 0)])
     grad = torch.randn(40, dtype=torch.float64)
     expected = (x[rows] * x[cols]).sum(-1)
     (expected_grad,) = torch.autograd.grad((expected * grad).sum(), x)
     for sparse in (True, False):
-        assert torch.allclose(_pair_dots(x.detach(), rows, cols, chunk_elements=7, sparse=sparse), expected)
-        got = _pair_dots_grad(x.detach(), rows, cols, grad, chunk_elements=7, sparse=sparse)
+        assert torch.allclose(_pair_dots(x.detach(), crow, cols, chunk_elements=7, sparse=sparse), expected)
+        got = _pair_dots_grad(x.detach(), crow, cols, grad, chunk_elements=7, sparse=sparse)
         assert torch.allclose(got, expected_grad)
+    many = torch.randint(0, 9, (120,))  # more entries than the 9 x 9 matrix: the gather path
+    crow_many = torch.arange(0, 121, 120 // 9 + 1).clamp(max=120)
+    crow_many = torch.cat([crow_many, torch.full((10 - crow_many.numel(),), 120)])
+    rows_many = torch.searchsorted(crow_many, torch.arange(120), right=True) - 1
+    assert torch.allclose(_pair_dots(x.detach(), crow_many, many, chunk_elements=7),
+                          (x[rows_many] * x[many]).sum(-1).detach())
 
 
 def _debiased_weights(y: torch.Tensor) -> torch.Tensor:

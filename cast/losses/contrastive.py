@@ -69,51 +69,79 @@ def _uniform_draws(anchors: torch.Tensor, count: int, pool: torch.Tensor, pool_p
     return out
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
-    """(size x size) CSR matrix with one entry per (rows[i], cols[i]); rows must be sorted.
-    Repeated (row, col) pairs stay separate entries, which every op used here handles."""
-    crow = torch.zeros(size + 1, dtype=torch.long, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=size), 0)
+def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Square CSR matrix with row pointers `crow`; repeated (row, col) pairs stay separate
+    entries, which every op used here handles."""
+    size = crow.numel() - 1
     with warnings.catch_warnings():  # torch flags its CSR support as beta on first use
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, cols, values, size=(size, size), check_invariants=False)
 
 
-def _pair_dots(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk_elements: int,
-               sparse: bool | None = None) -> torch.Tensor:
-    """<x[rows[i]], x[cols[i]]> for every pair (rows sorted), without an (n x n) matrix.
+def _chunk_rows(crow: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Row of each entry lo..hi-1 of a CSR pattern."""
+    entries = torch.arange(lo, hi, device=crow.device)
+    return torch.searchsorted(crow, entries, right=True) - 1
 
-    On CPU a sampled dense-dense product on the CSR pattern of the pairs (parallel kernel; row
-    gathers are single-threaded and memory-bound there); elsewhere chunked gathers.
+
+def _pair_dots(x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, chunk_elements: int,
+               sparse: bool | None = None) -> torch.Tensor:
+    """<x[i], x[j]> for every entry (i, j) of the CSR pattern (crow, cols), without an (n x n) matrix.
+
+    On CPU a sampled dense-dense product on the pattern (a parallel kernel; row gathers are
+    single-threaded and memory-bound there); elsewhere chunked gathers.
     """
     if sparse is None:
         sparse = x.device.type == "cpu"
     # sampled_addmm refuses patterns with more entries than the dense (n x n) matrix.
-    if sparse and rows.numel() <= x.shape[0] ** 2:
-        pattern = _csr(rows, cols, torch.zeros(rows.numel(), dtype=x.dtype, device=x.device), x.shape[0])
+    if sparse and cols.numel() <= x.shape[0] ** 2:
+        pattern = _csr(crow, cols, torch.zeros(cols.numel(), dtype=x.dtype, device=x.device))
         return torch.sparse.sampled_addmm(pattern, x, x.T, beta=0.0).values()
-    out = torch.empty(rows.numel(), dtype=x.dtype, device=x.device)
+    out = torch.empty(cols.numel(), dtype=x.dtype, device=x.device)
     step = max(1, chunk_elements // x.shape[1])
-    for lo in range(0, rows.numel(), step):
-        out[lo:lo + step] = (x[rows[lo:lo + step]] * x[cols[lo:lo + step]]).sum(-1)
+    for lo in range(0, cols.numel(), step):
+        hi = min(lo + step, cols.numel())
+        out[lo:hi] = (x[_chunk_rows(crow, lo, hi)] * x[cols[lo:hi]]).sum(-1)
     return out
 
 
-def _pair_dots_grad(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, grad: torch.Tensor,
+def _pair_dots_grad(x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, grad: torch.Tensor,
                     chunk_elements: int, sparse: bool | None = None) -> torch.Tensor:
-    """Gradient wrt x of sum_i grad[i] <x[rows[i]], x[cols[i]]>, i.e. (G + G^T) x."""
+    """Gradient wrt x of sum over entries (i, j) of grad_ij <x[i], x[j]>, i.e. (G + G^T) x."""
     if sparse is None:
         sparse = x.device.type == "cpu"
     if sparse:
-        g = _csr(rows, cols, grad, x.shape[0])
+        g = _csr(crow, cols, grad)
         return g @ x + g.t() @ x
     out = torch.zeros_like(x)
     step = max(1, chunk_elements // x.shape[1])
-    for lo in range(0, rows.numel(), step):
-        r, c, g = rows[lo:lo + step], cols[lo:lo + step], grad[lo:lo + step].unsqueeze(1)
+    for lo in range(0, cols.numel(), step):
+        hi = min(lo + step, cols.numel())
+        r, c, g = _chunk_rows(crow, lo, hi), cols[lo:hi], grad[lo:hi].unsqueeze(1)
         out.index_add_(0, r, g * x[c])
         out.index_add_(0, c, g * x[r])
     return out
+
+
+def _rejection_step(y: torch.Tensor, pending: torch.Tensor, num_negatives: int, per_draw: int,
+                    pool: torch.Tensor, w_max: float, out_flat: torch.Tensor, generator: torch.Generator | None,
+                    chunk_elements: int) -> torch.Tensor:
+    """Propose `per_draw` uniform candidates for each pending draw (flat ids into out_flat, sorted),
+    accept each with probability s_deb / w_max, store the first accepted one; returns which
+    draws were filled."""
+    anchors = pending // num_negatives
+    candidates = pool[torch.randint(0, pool.numel(), (pending.numel(), per_draw), generator=generator,
+                                    device=pool.device)]
+    crow = torch.zeros(y.shape[0] + 1, dtype=torch.long, device=pool.device)
+    crow[1:] = torch.cumsum(torch.bincount(anchors, minlength=y.shape[0]) * per_draw, 0)
+    weights = (1.0 - _pair_dots(y, crow, candidates.view(-1), chunk_elements)).clamp_(min=0.0)
+    weights = weights.view(candidates.shape).masked_fill_(candidates == anchors.unsqueeze(1), 0.0)
+    coin = torch.rand(weights.shape, generator=generator, device=pool.device, dtype=weights.dtype)
+    accepted = coin * w_max < weights
+    done = accepted.any(1)
+    first = accepted.byte().argmax(1)  # argmax returns the first maximal index
+    out_flat[pending[done]] = candidates[done, first[done]]
+    return done
 
 
 def _resolve_exactly(y: torch.Tensor, pending: torch.Tensor, num_negatives: int, pool: torch.Tensor,
@@ -225,19 +253,11 @@ def sample_negatives(y: torch.Tensor | None, num_negatives: int, generator: torc
         if p == 0:
             break
         per_draw = max(1, total // p)  # a round never proposes more than the first one did
-        anchors = pending // r
-        if method == "auto" and torch.unique_consecutive(anchors).numel() * m <= p * per_draw:
+        if method == "auto" and torch.unique_consecutive(pending // r).numel() * m <= p * per_draw:
             break
-        candidates = pool[torch.randint(0, m, (p * per_draw,), generator=generator, device=device)]
-        rows = anchors.repeat_interleave(per_draw)
-        weights = (1.0 - _pair_dots(y_flat, rows, candidates, chunk_elements)).clamp_(min=0.0)
-        weights.masked_fill_(candidates == rows, 0.0)
-        coin = torch.rand(weights.shape, generator=generator, device=device, dtype=weights.dtype)
-        accepted = (coin * w_max < weights).view(p, per_draw)
-        candidates = candidates.view(p, per_draw)
-        done = accepted.any(1)
-        first = accepted.byte().argmax(1)  # argmax returns the first maximal index
-        out_flat[pending[done]] = candidates[done, first[done]]
+        step = max(1, chunk_elements // per_draw)  # bounds this round's temporaries
+        done = torch.cat([_rejection_step(y_flat, pending[lo:lo + step], r, per_draw, pool, w_max, out_flat,
+                                          generator, chunk_elements) for lo in range(0, p, step)])
         pending = pending[~done]
     if pending.numel():
         _resolve_exactly(y_flat, pending, r, pool, pool_position, out_flat, generator, chunk_elements)
@@ -250,18 +270,22 @@ class _NegativeSimilarity(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, index: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-        rows = torch.arange(index.shape[0], device=z.device).repeat_interleave(index.shape[1])
         ctx.save_for_backward(z, index)
         ctx.chunk_elements = chunk_elements
-        return _pair_dots(z, rows, index.reshape(-1), chunk_elements).view(index.shape)
+        return _pair_dots(z, _row_pointers(index), index.reshape(-1), chunk_elements).view(index.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         z, index = ctx.saved_tensors
-        rows = torch.arange(index.shape[0], device=z.device).repeat_interleave(index.shape[1])
-        grad = _pair_dots_grad(z, rows, index.reshape(-1), grad_out.reshape(-1).contiguous(), ctx.chunk_elements)
+        grad = _pair_dots_grad(z, _row_pointers(index), index.reshape(-1), grad_out.reshape(-1).contiguous(),
+                               ctx.chunk_elements)
         return grad, None, None
+
+
+def _row_pointers(index: torch.Tensor) -> torch.Tensor:
+    """CSR row pointers of an (M, R) index: row i holds entries i*R .. (i+1)*R - 1."""
+    return torch.arange(0, index.numel() + 1, index.shape[1], device=index.device)
 
 
 def _negative_similarity(z_flat: torch.Tensor, index_flat: torch.Tensor,

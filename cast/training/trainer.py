@@ -141,9 +141,10 @@ class Trainer:
             values["lr"] = optimizer.param_groups[0]["lr"]
             values = mean_over_ranks(values, ctx.device)
             values["sec_per_step"] = time.perf_counter() - t0
-            if self.evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            evaluated = self.evaluate is not None and cfg.eval_every > 0 and done % cfg.eval_every == 0
+            if evaluated:
                 values.update({f"val_{k}": v for k, v in self.evaluate(model).items()})
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if evaluated or done % cfg.log_every == 0 or done == cfg.steps:
                 self.logger.log(done, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
