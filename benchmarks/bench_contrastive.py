@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -128,7 +127,10 @@ def run_case(method: str, batch: int, pixels: int, num_negatives: int, dim: int,
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
-        peak_kib = _status_kib("VmHWM") if memory_source == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if memory_source == "VmHWM":
+            peak_kib = _status_kib("VmHWM")
+        else:
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         peak_mb = (peak_kib - before) / 1024
     return {"ms": statistics.median(times), "peak_mb": peak_mb}
 

@@ -25,6 +25,15 @@ SCHEDULES = ("cosine", "linear")
 SAMPLING_METHODS = ("auto", "rejection", "exact")
 # Largest number of elements of any intermediate tensor a chunk may create (16 MiB of float32).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# s_deb below this is float32 rounding noise of <y~, y~'> ~ 1 (identical predictions): count it as 0,
+# so that such pairs are never drawn and such anchors fall back to uniform, in every code path.
+WEIGHT_EPS = 1e-6
+
+
+def _debiased(dots: torch.Tensor) -> torch.Tensor:
+    """s_deb = max(0, 1 - dots), with values below WEIGHT_EPS set to 0."""
+    weights = 1.0 - dots
+    return weights.masked_fill_(weights < WEIGHT_EPS, 0.0)
 
 
 def pixel_probabilities(mask_logits: torch.Tensor, class_logits: torch.Tensor,
@@ -134,7 +143,7 @@ def _rejection_step(y: torch.Tensor, pending: torch.Tensor, num_negatives: int, 
                                     device=pool.device)]
     crow = torch.zeros(y.shape[0] + 1, dtype=torch.long, device=pool.device)
     crow[1:] = torch.cumsum(torch.bincount(anchors, minlength=y.shape[0]) * per_draw, 0)
-    weights = (1.0 - _pair_dots(y, crow, candidates.view(-1), chunk_elements)).clamp_(min=0.0)
+    weights = _debiased(_pair_dots(y, crow, candidates.view(-1), chunk_elements))
     weights = weights.view(candidates.shape).masked_fill_(candidates == anchors.unsqueeze(1), 0.0)
     coin = torch.rand(weights.shape, generator=generator, device=pool.device, dtype=weights.dtype)
     accepted = coin * w_max < weights
@@ -158,7 +167,7 @@ def _resolve_exactly(y: torch.Tensor, pending: torch.Tensor, num_negatives: int,
     rows_per_chunk = max(1, chunk_elements // m)
     for lo in range(0, unique.numel(), rows_per_chunk):
         rows = unique[lo:lo + rows_per_chunk]
-        weights = (1.0 - y[rows] @ y_pool.T).clamp_(min=0.0)  # (c, M): one chunk, never all B*N rows
+        weights = _debiased(y[rows] @ y_pool.T)  # (c, M): one chunk, never all B*N rows
         own = torch.arange(rows.numel(), device=rows.device)
         weights[own, pool_position[rows]] = 0.0
         # Anchors whose weights are all zero fall back to uniform over the other pixels.
@@ -181,9 +190,10 @@ def sample_negatives(y: torch.Tensor | None, num_negatives: int, generator: torc
 
     Args:
         y: (B, N, E) pixel descriptions (e.g. `pixel_probabilities`), normalised here; anchor
-            (b, p) draws (b', q) with probability proportional to max(0, 1 - <y~[b,p], y~[b',q]>).
-            Its own pixel has weight 0 and is never drawn; an anchor whose weights are all 0
-            draws uniformly over the other pixels. None: uniform over the other pixels.
+            (b, p) draws (b', q) with probability proportional to max(0, 1 - <y~[b,p], y~[b',q]>)
+            (values below WEIGHT_EPS count as 0). Its own pixel has weight 0 and is never drawn;
+            an anchor whose weights are all 0 draws uniformly over the other pixels.
+            None: uniform over the other pixels.
         num_negatives: R, draws per anchor (independent, with replacement).
         generator: torch.Generator on the data's device, for reproducible draws.
         valid: (B, N) bool, False on padding pixels: they get weight 0 (never drawn). Rows of
