@@ -36,7 +36,7 @@ from cast.data.dataset import InstanceDataset
 from cast.data.images import load_image
 from cast.data.splits import load_split
 from cast.data.views import EvalTransform, WeakStrongViews
-from cast.losses.contrastive import STRATEGIES, pixel_probabilities, sample_negatives
+from cast.losses.contrastive import STRATEGIES, WEIGHT_EPS, pixel_probabilities, sample_negatives
 from cast.models.student import CastStudent
 from cast.pipeline.runner import DATA_SPLITS, read_dataset
 from cast.runs import STAGES, RunFolder
@@ -418,14 +418,20 @@ def negative_weights(y: torch.Tensor | None, anchor: int, valid: torch.Tensor) -
     """s_deb(anchor, q) = max(0, 1 - <y~[anchor], y~[q]>) for every cell q, (N,).
 
     y: (N, E) rows of `pixel_probabilities` (unit norm), None for the uniform sampler (weight 1).
-    The anchor itself and invalid cells get 0, as in `sample_negatives`.
+    The anchor itself and invalid cells get 0, weights below WEIGHT_EPS count as 0, and an anchor
+    left with no weight draws uniformly over the other valid cells: all as in `sample_negatives`,
+    so the map shows the distribution the sampler really draws from.
     """
     if y is None:
         weights = torch.ones(valid.numel())
     else:
         weights = (1.0 - y @ y[anchor]).clamp(min=0.0)
+        weights = weights.masked_fill(weights < WEIGHT_EPS, 0.0)
     weights = weights * valid.to(weights.dtype)
     weights[anchor] = 0.0
+    if weights.sum() == 0:
+        weights = valid.to(weights.dtype).clone()
+        weights[anchor] = 0.0
     return weights
 
 

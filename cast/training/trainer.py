@@ -281,8 +281,9 @@ class Trainer:
                                  instance_ids=batch.get("instance_ids"), generator=gen)
             terms[f"loss_pxl_{part}"] = c.loss
             total = total + self.objective.lambda_pxl * self._pixel_share(part) * c.loss
-            diagnostics = {f"pxl_temperature_{part}": float(c.temperature), f"pxl_margin_{part}": float(c.margin),
-                           f"pxl_false_negative_rate_{part}": float(c.false_negative_rate)}
+            diagnostics = {f"pxl_temperature_{part}": float(c.temperature), f"pxl_margin_{part}": float(c.margin)}
+            if c.false_negative_rate is not None:  # only measurable when the batch has instance ids
+                diagnostics[f"pxl_false_negative_rate_{part}"] = float(c.false_negative_rate)
         # DDP expects every output to reach the loss (else it waits for gradients of e.g. the
         # projection head when lambda_pxl = 0): add them with weight 0.
         total = total + 0.0 * sum(t.float().mean() for t in _output_tensors(out))
