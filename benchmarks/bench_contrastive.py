@@ -1,4 +1,5 @@
-"""Benchmark: our negative sampler + loss against a dense reference, time and peak memory.
+"""Benchmark: our negative sampler + loss against a dense reference, over a sweep of B·N up to the
+largest B·N the dense reference fits in memory: time, peak memory and how each grows with B·N.
 
 ours:  `sample_negatives` (rejection sampling, no (BN x BN) matrix) + `pixel_contrastive_loss`.
 dense: full (BN x BN) similarity and s_deb weight matrices (built in place), Gumbel top-k
@@ -6,50 +7,55 @@ dense: full (BN x BN) similarity and s_deb weight matrices (built in place), Gum
        then the same `pixel_contrastive_loss`.
 
 Both get the same fusion-strategy y (from synthetic ground-truth-like mask logits, computed
-outside the timed region) and time forward + backward of sampling and loss (median over
---repeats after one warm-up call). Each (device, size, method) runs in its own subprocess, so
-that one case's memory cannot hide in another's high-water mark. Peak memory is the extra
-memory over the process' state just before the timed calls:
-  CPU:  Linux VmHWM after resetting it (write "5" to /proc/self/clear_refs) minus VmRSS before,
-        i.e. the resident-set high-water of the whole process (tracemalloc does not see torch's
-        CPU allocations); falls back to getrusage's ru_maxrss when the reset is not allowed.
-  CUDA: torch.cuda.max_memory_allocated minus memory_allocated before.
+outside the timed region) and time forward + backward of sampling and loss (median of
+--repeats after one warm-up call; on CUDA under autocast). Each (device, size, method) runs in
+its own subprocess, so that one case's memory cannot hide in another's high-water mark; peak
+memory is the extra memory of the timed calls (benchmarks/common.py, PeakMemory).
 
-    python benchmarks/bench_contrastive.py                    # CPU, and CUDA when available
+Sweep: B fixed, N = side² with the side growing by √2 (B·N doubling) from --min-side, while the
+dense reference's two (BN x BN) matrices fit in --memory-fraction of the device's total memory;
+the largest side that still fits closes the sweep. Before each dense case on the CPU the
+currently free memory is checked too (a case that does not fit now is recorded as skipped, not
+run into the OOM killer). Growth: the slope of log(time) and log(peak memory) against log(B·N),
+fitted over the whole sweep and between its last two sizes (where fixed costs weigh least).
+Correctness beside the timing: the mean s_deb weight of the drawn negatives (first 256 anchors),
+which both samplers should push well above the mean weight of a uniform draw.
+
+    python benchmarks/bench_contrastive.py                  # CUDA when available, else CPU
     python benchmarks/bench_contrastive.py --sizes 256 1024 --repeats 1
-
-Writes benchmarks/results/contrastive.json (rows of devices not run this time are kept).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
+import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (PeakMemory, add_common_arguments, autocast, machine_info, precision, print_summary,  # noqa: E402
+                    setup, summary_row, time_calls, time_stats, write_results)
 from cast.losses.contrastive import pixel_contrastive_loss, pixel_probabilities, sample_negatives  # noqa: E402
-from cast.utils.io import atomic_write_json, read_json  # noqa: E402
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "contrastive.json"
+NAME = "contrastive"
+CHECK_ANCHORS = 256
+# The dense reference holds two (BN x BN) matrices at once: the weights/keys and the Gumbel noise.
+DENSE_MATRICES = 2
 
 
-def make_inputs(batch: int, pixels: int, dim: int, queries: int, classes: int, device: str,
+def make_inputs(batch: int, pixels: int, dim: int, queries: int, classes: int, device: torch.device,
                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (B, N, K + C + 1) from ground-truth-like predictions, z_weak (leaf), z_strong.
 
     Each image is split into `queries // 5` Voronoi cells ("instances"); query k gets a high
     mask logit on its cell, everyone gets noise, so y looks like a half-trained model's.
     """
-    side = int(round(pixels ** 0.5))
+    side = math.isqrt(pixels)
     if side * side != pixels:
         raise ValueError(f"N={pixels} must be a square number (an h x h grid)")
     g = torch.Generator().manual_seed(seed)
@@ -79,123 +85,187 @@ def dense_sample(y: torch.Tensor, num_negatives: int, generator: torch.Generator
     return keys.topk(num_negatives, dim=1).indices.view(b, n, num_negatives)
 
 
-def _step(method: str, y: torch.Tensor, z_weak: torch.Tensor, z_strong: torch.Tensor, num_negatives: int,
-          generator: torch.Generator) -> None:
-    z_weak.grad = None
-    if method == "ours":
-        index = sample_negatives(y, num_negatives, generator)
-    else:
-        index = dense_sample(y, num_negatives, generator)
-    pixel_contrastive_loss(z_weak, z_strong, index, temperature=0.1).backward()
+def drawn_weight(y: torch.Tensor, index: torch.Tensor) -> tuple[float, float]:
+    """Mean s_deb weight of the negatives drawn for the first anchors, and of all pairs of those
+    anchors (what a uniform draw would average)."""
+    y_flat = F.normalize(y.reshape(-1, y.shape[-1]).float(), dim=-1)
+    anchors = y_flat[:CHECK_ANCHORS]
+    drawn = y_flat[index.reshape(-1, index.shape[-1])[:CHECK_ANCHORS]]  # (A, R, E)
+    weight = (1.0 - torch.einsum("ae,are->ar", anchors, drawn)).clamp(min=0.0)
+    uniform = (1.0 - anchors @ y_flat.T).clamp(min=0.0)
+    return float(weight.mean()), float(uniform.mean())
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def run_case(method: str, args: argparse.Namespace, pixels: int, device: torch.device) -> dict:
+    """Time (ms), extra peak memory (MiB) and the sampling check of one method at one size."""
+    torch.manual_seed(0)
+    y, z_weak, z_strong = make_inputs(args.batch, pixels, args.dim, args.queries, args.classes, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    sampler = sample_negatives if method == "ours" else dense_sample
+    last = {}
+
+    def step() -> None:
+        z_weak.grad = None
+        with autocast(device, args.amp):
+            last["index"] = sampler(y, args.negatives, generator)
+            loss = pixel_contrastive_loss(z_weak, z_strong, last["index"], temperature=0.1)
+        loss.backward()
+
+    try:
+        step()  # warm-up, outside the memory window: the timed calls' peak is what we want
+        with PeakMemory(device) as memory:
+            seconds = time_calls(step, device, warmup=0, repeats=args.repeats)
+    except torch.OutOfMemoryError as e:
+        return {"oom": str(e).splitlines()[0]}
+    weight, uniform = drawn_weight(y, last["index"])
+    return {**time_stats(seconds), "peak_mb": memory.mb, "peak_mem_source": memory.source,
+            "drawn_weight": weight, "uniform_weight": uniform}
+
+
+def dense_bytes(batch: int, pixels: int, element_bytes: int) -> int:
+    return DENSE_MATRICES * element_bytes * (batch * pixels) ** 2
+
+
+def total_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return _meminfo_kib("MemTotal") * 1024
+
+
+def _meminfo_kib(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    raise RuntimeError(f"/proc/meminfo has no {field}")
 
 
-def run_case(method: str, batch: int, pixels: int, num_negatives: int, dim: int, queries: int, classes: int,
-             device: str, repeats: int) -> dict:
-    """Median time (ms) and extra peak memory (MB) of one method at one size, in this process."""
-    torch.manual_seed(0)
-    y, z_weak, z_strong = make_inputs(batch, pixels, dim, queries, classes, device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _status_kib("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            memory_source = "VmHWM"
-        except OSError:
-            memory_source = "ru_maxrss"
-    times = []
-    for i in range(repeats + 1):  # the first call warms up and is not timed
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        _step(method, y, z_weak, z_strong, num_negatives, generator)
-        if cuda:
-            torch.cuda.synchronize()
-        if i > 0:
-            times.append((time.perf_counter() - start) * 1000.0)
-    if cuda:
-        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        if memory_source == "VmHWM":
-            peak_kib = _status_kib("VmHWM")
-        else:
-            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        peak_mb = (peak_kib - before) / 1024
-    return {"ms": statistics.median(times), "peak_mb": peak_mb}
+def sweep_sizes(args: argparse.Namespace, element_bytes: int, budget: float) -> list[int]:
+    """N values (squares) with B·N doubling, up to the largest whose dense matrices fit `budget`."""
+    if args.sizes:
+        return args.sizes
+    max_side = math.isqrt(int(math.sqrt(budget / (DENSE_MATRICES * element_bytes)) // args.batch))
+    sides, side = [], float(args.min_side)
+    while round(side) <= max_side:
+        sides.append(round(side))
+        side *= math.sqrt(2.0)
+    if not sides:
+        raise SystemExit(f"even --min-side {args.min_side} does not fit the dense reference in {budget / 2**30:.1f} GiB")
+    if max_side > sides[-1] * 1.1:  # close the sweep at the largest size that fits
+        sides.append(max_side)
+    return [s * s for s in sides]
 
 
-def _run_in_subprocess(args: argparse.Namespace, method: str, pixels: int, device: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--sizes", str(pixels), "--device-worker", device,
+def growth(bn: list[int], values: list[float]) -> tuple[float | None, float | None]:
+    """Slope of log(value) against log(B·N): least squares over all points, and the last pair."""
+    points = [(math.log(x), math.log(v)) for x, v in zip(bn, values) if v > 0]
+    if len(points) < 2:
+        return None, None
+    xs, ys = zip(*points)
+    fit = float(np.polyfit(xs, ys, 1)[0])
+    last = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return round(fit, 2), round(last, 2)
+
+
+def _run_in_subprocess(args: argparse.Namespace, method: str, pixels: int, device: torch.device) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--sizes", str(pixels), "--devices", str(device),
            "--batch", str(args.batch), "--negatives", str(args.negatives), "--dim", str(args.dim),
            "--queries", str(args.queries), "--classes", str(args.classes), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
+           "--amp", args.amp, "--threads", str(torch.get_num_threads())]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{method} at N={pixels} on {device} failed (exit {done.returncode}):\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
+    element_bytes = 2 if precision(device, args.amp) in ("bf16", "fp16") else 4
+    budget = args.memory_fraction * total_memory_bytes(device)
+    sizes = sweep_sizes(args, element_bytes, budget)
+    print(f"{device}: B={args.batch}, N in {sizes} (B·N up to {args.batch * sizes[-1]}), "
+          f"dense budget {budget / 2**30:.1f} GiB", flush=True)
+    rows = []
+    for pixels in sizes:
+        need = dense_bytes(args.batch, pixels, element_bytes)
+        if device.type == "cpu" and need > 0.9 * _meminfo_kib("MemAvailable") * 1024:
+            rows.append({"N": pixels, "BN": args.batch * pixels, "skipped": f"the dense reference needs about "
+                         f"{need / 2**30:.1f} GiB, more than is free now"})
+            print(f"  N={pixels}: {rows[-1]['skipped']}; sweep ends", flush=True)
+            break
+        ours = _run_in_subprocess(args, "ours", pixels, device)
+        dense = _run_in_subprocess(args, "dense", pixels, device)
+        row = {"N": pixels, "BN": args.batch * pixels, "dense_estimate_mb": need / 2**20, "ours": ours, "dense": dense}
+        rows.append(row)
+        if "oom" in ours or "oom" in dense:
+            print(f"  N={pixels}: out of memory; sweep ends", flush=True)
+            break
+        print(f"  B·N={row['BN']:>7}: ours {ours['median_ms']:9.1f} ms {ours['peak_mb']:8.1f} MiB | dense "
+              f"{dense['median_ms']:9.1f} ms {dense['peak_mb']:8.1f} MiB | {dense['median_ms'] / ours['median_ms']:5.1f}x "
+              f"faster, {dense['peak_mb'] / max(ours['peak_mb'], 1e-3):5.1f}x less memory | drawn s_deb ours "
+              f"{ours['drawn_weight']:.3f} dense {dense['drawn_weight']:.3f} uniform {ours['uniform_weight']:.3f}",
+              flush=True)
+
+    done = [r for r in rows if "ours" in r and "oom" not in r["ours"] and "oom" not in r["dense"]]
+    bn = [r["BN"] for r in done]
+    exponents = {f"{method}_{what}": growth(bn, [r[method][key] for r in done])
+                 for method in ("ours", "dense") for what, key in (("time", "median_ms"), ("memory", "peak_mb"))}
+    case = f"{device.type} {precision(device, args.amp)}"
+    summary = []
+    if done:
+        top = done[-1]
+        ours, dense = top["ours"], top["dense"]
+        where = f"{case}, B·N={top['BN']} (largest measured)"
+        summary += [
+            summary_row(NAME, where, "time ms (fwd+bwd)", ours["median_ms"], dense["median_ms"],
+                        dense["median_ms"] / ours["median_ms"]),
+            summary_row(NAME, where, "peak memory MiB", ours["peak_mb"], dense["peak_mb"],
+                        dense["peak_mb"] / max(ours["peak_mb"], 1e-3)),
+            summary_row(NAME, where, "mean s_deb of drawn negatives (uniform draw: "
+                        f"{ours['uniform_weight']:.3f})", ours["drawn_weight"], dense["drawn_weight"], None),
+        ]
+        span = f"{case}, B·N {bn[0]}..{bn[-1]}"
+        for what in ("time", "memory"):
+            summary.append(summary_row(NAME, span, f"{what} growth exponent (fit; last pair ours "
+                                       f"{exponents['ours_' + what][1]}, dense {exponents['dense_' + what][1]})",
+                                       exponents[f"ours_{what}"][0], exponents[f"dense_{what}"][0], None))
+    settings = {"B": args.batch, "sizes_N": sizes, "R": args.negatives, "D": args.dim, "queries": args.queries,
+                "classes": args.classes, "repeats": args.repeats, "warmup": 1,
+                "precision": precision(device, args.amp), "memory_fraction": args.memory_fraction,
+                "dense_budget_gib": budget / 2**30}
+    return {"machine": machine_info(device), "settings": settings, "results": rows,
+            "growth_exponents": {k: {"fit": v[0], "last_pair": v[1]} for k, v in exponents.items()},
+            "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="pixels N per image")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="pixels N per image (squares); "
+                        "default: the sweep described above")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--min-side", type=int, default=16, help="first N of the sweep is min-side²")
+    parser.add_argument("--memory-fraction", type=float, default=0.6,
+                        help="share of the device's total memory the dense reference may take")
     parser.add_argument("--negatives", type=int, default=200)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--worker", choices=["ours", "dense"], help=argparse.SUPPRESS)
-    parser.add_argument("--device-worker", help=argparse.SUPPRESS)
+    add_common_arguments(parser, NAME)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.quick:
+        # Small enough for seconds: the dense top-k needs N·B > R.
+        args.batch, args.min_side, args.negatives, args.dim, args.queries, args.classes = 2, 8, 16, 32, 10, 3
+        args.sizes, args.repeats = args.sizes or [64, 256], 1
+    devices = setup(args)
 
     if args.worker:
-        result = run_case(args.worker, args.batch, args.sizes[0], args.negatives, args.dim, args.queries,
-                          args.classes, args.device_worker, args.repeats)
-        print(json.dumps(result))
+        print(json.dumps(run_case(args.worker, args, args.sizes[0], devices[0])))
         return
-
-    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    cases = [(d, n, m) for d in devices for n in args.sizes for m in ("ours", "dense")]
-    results = {}
-    for device, pixels, method in tqdm(cases, desc="cases", unit="case"):
-        results[device, pixels, method] = _run_in_subprocess(args, method, pixels, device)
-
-    rows = []
-    print(f"\nB={args.batch} R={args.negatives} D={args.dim} E={args.queries + args.classes + 1}, "
-          f"median of {args.repeats} (forward + backward of sampling + loss)")
-    print(f"{'device':>6} {'N':>6} {'ours ms':>10} {'dense ms':>10} {'speed-up':>9} "
-          f"{'ours MB':>9} {'dense MB':>9} {'mem ratio':>9}")
+    runs = {}
     for device in devices:
-        for pixels in args.sizes:
-            ours, dense = results[device, pixels, "ours"], results[device, pixels, "dense"]
-            rows.append({"B": args.batch, "N": pixels, "R": args.negatives, "D": args.dim,
-                         "ours_ms": round(ours["ms"], 2), "dense_ms": round(dense["ms"], 2),
-                         "ours_peak_mb": round(ours["peak_mb"], 1), "dense_peak_mb": round(dense["peak_mb"], 1),
-                         "device": device})
-            print(f"{device:>6} {pixels:>6} {ours['ms']:>10.1f} {dense['ms']:>10.1f} "
-                  f"{dense['ms'] / ours['ms']:>8.1f}x {ours['peak_mb']:>9.1f} {dense['peak_mb']:>9.1f} "
-                  f"{dense['peak_mb'] / max(ours['peak_mb'], 1e-3):>8.1f}x")
-
-    kept = []
-    if args.output.exists():  # keep rows measured on devices not run this time (e.g. a GPU)
-        kept = [r for r in read_json(args.output) if r.get("device") not in devices]
-    atomic_write_json(args.output, kept + rows, indent=2)
-    print(f"wrote {args.output}")
+        runs[device.type] = measure_device(args, device)
+        print_summary(runs[device.type]["summary"])
+    write_results(args.output, NAME, runs)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def _proc_status_mb(key: str) -> float:
         return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) / 2**10
 
 
-class _CpuPeakMemory:
+class CpuPeakMemory:
     """Peak RSS growth over a code region (see the module docstring for the two methods)."""
 
     def start(self) -> None:
@@ -101,7 +101,7 @@ def profile_model(model: nn.Module, input_size: tuple[int, int] = (512, 1024), b
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base_mem = torch.cuda.memory_allocated(device)
-        cpu_memory = _CpuPeakMemory()
+        cpu_memory = CpuPeakMemory()
         cpu_memory.start()
         times = []
         for _ in tqdm(range(repeats), desc="profile", disable=not progress, leave=False):
