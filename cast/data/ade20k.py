@@ -61,7 +61,11 @@ class Ade20kInstances:
                 pixels = np.asarray(image)
         except FileNotFoundError:
             raise DataError(path, "instance annotation file not found") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except Image.DecompressionBombError as e:  # a header claiming billions of pixels; no OSError
+            raise DataError(path, f"instance PNG too large to decode safely: {e}") from None
+        except DataError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise DataError(path, f"unreadable instance PNG ({type(e).__name__}: {e})") from None
         category = pixels[..., 0].astype(np.int32)
         if category.max() > len(ADE20K_INSTANCE_CLASSES):

@@ -54,6 +54,8 @@ class CityscapesInstances:
                 ids = np.asarray(image)
         except FileNotFoundError:
             raise DataError(path, "instanceIds file not found") from None
+        except Image.DecompressionBombError as e:  # a header claiming billions of pixels; no OSError
+            raise DataError(path, f"instanceIds PNG too large to decode safely: {e}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise DataError(path, f"unreadable instanceIds PNG ({type(e).__name__}: {e})") from None
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):

@@ -36,6 +36,9 @@ from cast.utils.io import atomic_write_json
 
 # Annotation tools round outward at image borders; coordinates up to one pixel outside are accepted.
 BOUNDS_TOLERANCE = 1.0
+# pycocotools stores RLE run lengths and areas as uint32: beyond this they overflow (wrong areas,
+# OverflowError deep inside frPyObjects), so larger image records are refused up front.
+MAX_MASK_PIXELS = 2**32 - 1
 
 
 class _Invalid(Exception):
@@ -56,6 +59,10 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise DataError(path, f"invalid json at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python converts (4300 digits)
+        raise DataError(path, f"invalid json: {e}") from None
+    except RecursionError:
+        raise DataError(path, "invalid json: nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise DataError(path, f"expected a json object at the top level, got {type(data).__name__}")
     for key in ("images", "categories"):
@@ -101,6 +108,9 @@ def _image_record(image: Any, image_root: Path) -> ImageRecord:
     height, width = image["height"], image["width"]
     if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
         raise _Invalid("bad_value", f"height and width must be positive integers, got {height!r} x {width!r}")
+    if height * width > MAX_MASK_PIXELS:
+        raise _Invalid("bad_value", f"height x width = {height} x {width} is more pixels than COCO masks can "
+                                    f"hold ({MAX_MASK_PIXELS}: pycocotools counts them in 32 bits)")
     if not isinstance(image["file_name"], str) or not image["file_name"]:
         raise _Invalid("bad_value", f"'file_name' must be a non-empty string, got {image['file_name']!r}")
     path = image_root / image["file_name"]

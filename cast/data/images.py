@@ -91,6 +91,9 @@ def probe_image(path: str | os.PathLike) -> tuple[int, int]:
             width, height = image.size
     except UnidentifiedImageError:
         raise DataError(path, "not an image file (no known image format recognised)") from None
+    except Image.DecompressionBombError as e:
+        # Pillow refuses such headers in `open` already, with an error that is no OSError.
+        raise DataError(path, f"image too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"unreadable image header ({type(e).__name__}: {e})") from None
     return height, width

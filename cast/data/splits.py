@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cast.data.dataset import InstanceDataset, UnlabeledImages
-from cast.data.errors import DataError
+from cast.data.errors import DataError, MissingFileError
 from cast.utils.io import atomic_write_json, read_json
 
 SPLIT_KEYS = ("labeled_fraction", "seed", "labeled_image_ids", "unlabeled_image_ids")
@@ -69,6 +69,9 @@ def validate_split(split: Any) -> dict[str, Any]:
     missing = [k for k in SPLIT_KEYS if k not in split]
     if missing:
         raise ValueError(f"split is missing keys {missing}")
+    for key in ("labeled_image_ids", "unlabeled_image_ids"):
+        if not isinstance(split[key], list):  # a json file can hold anything there
+            raise ValueError(f"{key} must be a list of integers, got {type(split[key]).__name__}")
     labeled = _check_ids(split["labeled_image_ids"], "labeled_image_ids")
     unlabeled = _check_ids(split["unlabeled_image_ids"], "unlabeled_image_ids")
     if not labeled:
@@ -92,7 +95,12 @@ def save_split(split: dict[str, Any], path: str | os.PathLike) -> None:
 def load_split(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a split written by `save_split`; `DataError` naming the file when it is bad."""
     path = Path(path)
-    data = read_json(path)  # FileNotFoundError / ValueError naming the file
+    if not path.is_file():
+        raise MissingFileError(path, "split file not found")
+    try:
+        data = read_json(path)
+    except ValueError as e:  # read_json's message already starts with the path
+        raise DataError(path, str(e).removeprefix(f"{path}: ")) from None
     try:
         return validate_split(data)
     except ValueError as e:

@@ -77,3 +77,7 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid json at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python converts (4300 digits)
+        raise ValueError(f"{path}: invalid json: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: invalid json: nested too deeply to parse") from None
