@@ -141,7 +141,8 @@ class TeacherSource:
         return GroundingDinoSamTeacher.from_pretrained(
             t.grounding_dino_dir, t.sam_dir, classes=self.data.classes, box_threshold=t.box_threshold,
             text_threshold=t.text_threshold, mask_threshold=t.mask_threshold, max_instances=t.max_instances,
-            sam_kind="sam2" if t.kind == "gdino-sam2" else "sam")
+            sam_kind="sam2" if t.kind == "gdino-sam2" else "sam",
+            projection_stride=self.cfg.losses.embedding_stride)
 
     def load(self, model_dir: Path) -> torch.nn.Module:
         """An adapted teacher saved by a stage."""
