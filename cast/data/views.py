@@ -183,7 +183,10 @@ class WeakStrongViews:
         sigma = rng.uniform(*self.blur_sigma)
         if rng.random() < self.blur_prob:
             k = self.blur_kernel
-            strong = kornia.filters.gaussian_blur2d(strong[None], (k, k), (sigma, sigma), border_type="reflect")[0]
+            # Reflect padding needs more pixels than the kernel's half width: a view of a tiny
+            # image (e.g. 1x1 or 2 pixels wide) replicates its border instead of failing.
+            border = "reflect" if min(strong.shape[-2:]) > k // 2 else "replicate"
+            strong = kornia.filters.gaussian_blur2d(strong[None], (k, k), (sigma, sigma), border_type=border)[0]
         return strong
 
 
