@@ -102,8 +102,13 @@ def make_manifest(teacher_hash: str, image_ids: Sequence[int], cfg: PseudoLabelC
                            "max_instances": cfg.max_instances}}
 
 
+RESULT_KEYS = ("image_id", "category_id", "segmentation", "score")
+
+
 def load_if_current(path: str | Path, manifest_path: str | Path, expected: dict[str, Any]) -> list[dict] | None:
-    """The stored labels when their manifest equals `expected`, else None (they must be redone)."""
+    """The stored labels when their manifest equals `expected` and they are the list it vouches
+    for (as many results as it counted, each a result of one of its images), else None: damaged,
+    truncated or stale labels are redone, never trusted."""
     path, manifest_path = Path(path), Path(manifest_path)
     if not (path.is_file() and manifest_path.is_file()):
         return None
@@ -111,9 +116,15 @@ def load_if_current(path: str | Path, manifest_path: str | Path, expected: dict[
         manifest = read_json(manifest_path)
         if not isinstance(manifest, dict) or {k: v for k, v in manifest.items() if k != "num_instances"} != expected:
             return None
-        return read_json(path)
+        results = read_json(path)
     except ValueError:  # a damaged file is redone, not trusted
         return None
+    image_ids = set(expected.get("image_ids", []))
+    if not (isinstance(results, list) and manifest.get("num_instances") == len(results)
+            and all(isinstance(r, dict) and all(k in r for k in RESULT_KEYS) and isinstance(r["image_id"], int)
+                    and r["image_id"] in image_ids for r in results)):
+        return None
+    return results
 
 
 def write_pseudo_labels(path: str | Path, manifest_path: str | Path, results: list[dict[str, Any]],

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from cast.utils.io import atomic_save, atomic_write_json, read_json
@@ -35,11 +36,20 @@ class CheckpointWriteError(OSError):
         return str(self.args[0])
 
 
+class CheckpointReadError(OSError):
+    """The pointer or a file it names is damaged (not written by `save_checkpoint`, or truncated
+    behind its back): nothing is resumed from it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass
 class Checkpoint:
     step: int
     model_path: Path
     state: dict[str, Any]
+    state_path: Path | None = None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -77,7 +87,7 @@ def _to_tuple(x: Any) -> Any:
 def _describe(directory: Path) -> str:
     try:
         return f"step {read_json(directory / POINTER)['step']}"
-    except (FileNotFoundError, ValueError, KeyError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return "none"
 
 
@@ -111,17 +121,40 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
     pointer = directory / POINTER
     if not pointer.exists():
         return None
-    info = read_json(pointer)
+    restart = f"delete {directory} to restart the stage"
+    try:
+        info = read_json(pointer)
+    except ValueError as e:  # read_json names the file and the position
+        raise CheckpointReadError(f"{e}; {restart}") from None
+    # save_checkpoint writes exactly these names: anything else (another step's files, a path
+    # leading out of the folder) is not a pointer it wrote.
+    step = info.get("step") if isinstance(info, dict) else None
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0
+            and info.get("model") == f"model-{step:08d}.safetensors" and info.get("state") == f"state-{step:08d}.pt"):
+        raise CheckpointReadError(f"{pointer}: not a checkpoint pointer (expected step, model-<step>.safetensors and "
+                                  f"state-<step>.pt), got {info!r:.200}; {restart}")
     model_path, state_path = directory / info["model"], directory / info["state"]
     for path in (model_path, state_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: named by {pointer} but missing; delete {directory} to restart")
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    return Checkpoint(step=int(info["step"]), model_path=model_path, state=state)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file: OSError, RuntimeError, EOFError, UnpicklingError...
+        raise CheckpointReadError(f"{state_path}: damaged checkpoint state ({type(e).__name__}: {e}); "
+                                  f"{restart}") from None
+    if not isinstance(state, dict):
+        raise CheckpointReadError(f"{state_path}: not a checkpoint state (got {type(state).__name__}); {restart}")
+    return Checkpoint(step=step, model_path=model_path, state=state, state_path=state_path)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    missing, unexpected = load_model(unwrap(model), str(path), strict=False)
+    """Load a safetensors file into `model`; a damaged file raises CheckpointReadError naming it."""
+    try:
+        missing, unexpected = load_model(unwrap(model), str(path), strict=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: weights file not found") from None
+    except (SafetensorError, OSError) as e:  # truncated or not safetensors at all
+        raise CheckpointReadError(f"{path}: damaged weights file ({type(e).__name__}: {e})") from None
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match {type(unwrap(model)).__name__} "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")

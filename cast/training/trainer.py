@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from cast.config import LossConfig, TrainConfig
 from cast.models.outputs import SegmentationOutput
-from cast.training.checkpoint import (CheckpointWriteError, load_checkpoint, load_weights, rng_state,
-                                      save_checkpoint, save_model_dir, set_rng_state, unwrap)
+from cast.training.checkpoint import (CheckpointReadError, CheckpointWriteError, load_checkpoint, load_weights,
+                                      rng_state, save_checkpoint, save_model_dir, set_rng_state, unwrap)
 from cast.training.data import batch_stream
 from cast.training.distributed import DistContext, all_ranks_true, barrier, broadcast_object, mean_over_ranks
 from cast.training.metrics import MetricsLogger
@@ -169,6 +169,11 @@ class Trainer:
         if ckpt.step > self.cfg.steps:
             raise ValueError(f"{self.checkpoint_dir}: checkpoint at step {ckpt.step} is past this stage's "
                              f"{self.cfg.steps} steps; delete the folder to retrain")
+        missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if k not in ckpt.state]
+        if missing or ckpt.state.get("step") != ckpt.step:
+            raise CheckpointReadError(f"{ckpt.state_path}: not the training state of step {ckpt.step} (missing "
+                                      f"{missing}, step {ckpt.state.get('step')!r}); delete {self.checkpoint_dir} "
+                                      "to restart the stage")
         load_weights(model, ckpt.model_path)
         optimizer.load_state_dict(ckpt.state["optimizer"])
         scheduler.load_state_dict(ckpt.state["scheduler"])
