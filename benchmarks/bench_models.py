@@ -1,29 +1,42 @@
-"""Efficiency profile of the student presets; writes benchmarks/results/models.json.
+"""Efficiency of the student against the foundation-model teacher (the paper's efficiency figure),
+and of every student preset; writes benchmarks/results/models.json.
 
-"cast-s" (and "cast-r50") at 512x1024 as in the paper's Cityscapes crops, the small presets at
-the CPU demo's 128x128 (batch 8, as the demo trains). Runs on the CPU, and on CUDA too when a
-GPU is present (float32 and bfloat16 autocast). GFLOPs count a multiply-add as 2 FLOPs; the
-paper's table (200 GFLOPs for its 52 M student) does not say which convention it uses, so the
-json also gives GMACs = GFLOPs / 2.
+Student vs teacher: "cast-s" against Grounding-DINO-L + SAM2-L built at full size from
+transformers configurations with random weights (`cast.teachers.vfm.random_teacher(size=
+"paper")`; weights do not change the cost, except through how many boxes the teacher keeps,
+recorded as `instances`), on the same images (512x1024 by default, the paper's Cityscapes crop;
+the paper does not state its resolution). Both are timed from image to instances (`predict`:
+for the teacher, detection, SAM2's image encoder at 1024x1024 and one mask decoding per kept
+box; for the student, its forward and post-processing). Parameters, GFLOPs of that call,
+latency, FPS, peak memory, and the ratios next to the paper's: 568 M -> 52 M parameters
+(10.9x), 880 -> 200 GFLOPs (4.4x), 2.85 -> 13.0 FPS (4.56x; goal: at least that).
 
-    python benchmarks/bench_models.py [--presets cast-s demo-student] [--repeats 5] [--no-cuda]
+Presets: every student preset's forward at its own setting ("cast-s", "cast-r50" at 512x1024
+batch 1; the small presets at the CPU demo's 128x128, batch 8).
+
+GFLOPs count a multiply-add as 2 FLOPs, matmuls / convolutions / attention only (FlopCounterMode;
+deformable attention's grid sampling is not counted); the paper does not say which convention it
+uses, so the json also gives GMACs = GFLOPs / 2. See cast/efficiency.py for latency and memory.
+
+    python benchmarks/bench_models.py [--presets cast-s demo-student] [--repeats 5]
+    python benchmarks/bench_models.py --quick             # cast-tiny vs the tiny teacher, 64x64
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (add_common_arguments, autocast_dtype, machine_info, precision, print_summary, setup,  # noqa: E402
+                    summary_row, write_results)
 from cast.efficiency import profile_model  # noqa: E402
 from cast.models.student import build_student  # noqa: E402
-from cast.utils.io import atomic_write_json, read_json  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
+NAME = "models"
 # preset -> (input size, batch size)
 SETTINGS = {
     "cast-s": ((512, 1024), 1),
@@ -32,54 +45,114 @@ SETTINGS = {
     "demo-student": ((128, 128), 8),
     "cast-tiny": ((128, 128), 8),
 }
-NUM_CLASSES = 8  # Cityscapes' instance classes; the head size hardly matters here
+CLASSES = ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]  # Cityscapes' things
+PAPER = {"teacher_params_m": 568.0, "student_params_m": 52.0, "teacher_gflops": 880.0, "student_gflops": 200.0,
+         "teacher_fps": 2.85, "student_fps": 13.0}
+PAPER_FPS_RATIO = 4.56  # the paper's 350.9 ms / 76.9 ms
 
 
-def run(presets: list[str], repeats: int, warmup: int, use_cuda: bool) -> list[dict]:
-    devices: list[tuple[str, torch.dtype | None]] = [("cpu", None)]
-    if use_cuda and torch.cuda.is_available():
-        devices += [("cuda", None), ("cuda", torch.bfloat16)]
-    rows = []
-    for preset in presets:
-        size, batch = SETTINGS[preset]
-        model = build_student(preset, NUM_CLASSES)
-        for device, dtype in devices:
-            # The big models are slow on a 2-core CPU: fewer passes there.
-            cpu_big = device == "cpu" and size[0] * size[1] > 128 * 128
-            profile = profile_model(model, size, batch, device, warmup=1 if cpu_big else warmup,
-                                    repeats=min(repeats, 3) if cpu_big else repeats, autocast_dtype=dtype,
-                                    progress=True)
-            profile.update(preset=preset, gmacs=profile["gflops"] / 2, torch=torch.__version__,
-                           device_name=torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-                           or platform.machine(), cpu_threads=torch.get_num_threads())
-            rows.append(profile)
-            print(f"{preset:13s} {device:4s} {str(profile['autocast'] or 'fp32'):8s} {size[0]}x{size[1]} x{batch}  "
-                  f"{profile['params_m']:6.2f} M  {profile['gflops']:8.2f} GFLOPs  "
-                  f"{profile['latency_ms']:9.1f} ms  {profile['fps']:7.2f} img/s  "
-                  f"{profile['peak_mem_mb']:8.1f} MB ({profile['peak_mem_source']})", flush=True)
+class Predict(nn.Module):
+    """`model.predict` as a forward, so that the profiler times image -> instances; records how
+    many instances the last call returned."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.instances: list[int] = []
+
+    def forward(self, pixel_values: torch.Tensor) -> list:
+        predictions = self.model.predict(pixel_values)
+        self.instances = [len(p) for p in predictions]
+        return predictions
+
+
+def profile(model: nn.Module, size: tuple[int, int], batch: int, device: torch.device, args: argparse.Namespace,
+            warmup: int, repeats: int) -> dict:
+    result = profile_model(model, size, batch, device, warmup=warmup, repeats=repeats,
+                           autocast_dtype=autocast_dtype(device, args.amp), progress=True)
+    result["gmacs"] = result["gflops"] / 2
+    return result
+
+
+def student_vs_teacher(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[dict]]:
+    from cast.teachers.vfm import random_teacher  # the VFM stack is only imported here
+
+    size = tuple(args.size)
+    # The full-size teacher takes about a minute per image on a 2-core CPU: fewer passes there.
+    slow = device.type == "cpu" and not args.quick
+    warmup, repeats = (1, min(args.repeats, 3)) if slow else (args.warmup, args.repeats)
+    torch.manual_seed(0)
+    models = {"student": Predict(build_student(args.student, len(CLASSES), CLASSES)),
+              "teacher": Predict(random_teacher(CLASSES, size=args.teacher_size))}
+    results = {}
+    for role, model in models.items():
+        results[role] = {**profile(model, size, 1, device, args, warmup, repeats), "instances": model.instances}
         model.cpu()
+        r = results[role]
+        print(f"{device} {role:8s}: {r['params_m']:7.1f} M params, {r['gflops']:8.1f} GFLOPs, "
+              f"{r['latency_ms']:9.1f} ms, {r['fps']:6.2f} FPS, peak {r['peak_mem_mb']:.0f} MiB, "
+              f"{r['instances']} instances", flush=True)
+        del model
+    student, teacher = results["student"], results["teacher"]
+    case = (f"{device.type} {precision(device, args.amp)}, {args.student} vs GDINO-L+SAM2-L "
+            f"{'(tiny test config) ' if args.teacher_size == 'tiny' else ''}{size[0]}x{size[1]} batch 1")
+    ratio = teacher["latency_ms"] / student["latency_ms"]
+    summary = [
+        summary_row(NAME, case, "parameters M (teacher/ours; paper 568/52 = 10.9x)", student["params_m"],
+                    teacher["params_m"], teacher["params_m"] / student["params_m"]),
+        summary_row(NAME, case, "GFLOPs (teacher/ours; paper 880/200 = 4.4x)", student["gflops"],
+                    teacher["gflops"], teacher["gflops"] / student["gflops"]),
+        summary_row(NAME, case, "FPS, image -> instances (ours/teacher; paper 13.0/2.85)", student["fps"],
+                    teacher["fps"], ratio, f">= {PAPER_FPS_RATIO}x (paper)", ratio >= PAPER_FPS_RATIO),
+        summary_row(NAME, case, "peak memory MiB (teacher/ours)", student["peak_mem_mb"], teacher["peak_mem_mb"],
+                    teacher["peak_mem_mb"] / max(student["peak_mem_mb"], 1e-3)),
+    ]
+    return {"input_size": list(size), "teacher_size": args.teacher_size, "warmup": warmup, "repeats": repeats,
+            **results, "paper": PAPER}, summary
+
+
+def presets(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    for preset in args.presets:
+        size, batch = ((64, 64), 2) if args.quick else SETTINGS[preset]
+        # The big presets are slow on a 2-core CPU: fewer passes there.
+        slow = device.type == "cpu" and size[0] * size[1] > 128 * 128
+        torch.manual_seed(0)
+        model = build_student(preset, len(CLASSES), CLASSES)
+        row = {"preset": preset, **profile(model, size, batch, device, args, 1 if slow else args.warmup,
+                                           min(args.repeats, 3) if slow else args.repeats)}
+        rows.append(row)
+        print(f"{preset:13s} {device} {size[0]}x{size[1]} x{batch}  {row['params_m']:6.2f} M  "
+              f"{row['gflops']:8.2f} GFLOPs  {row['latency_ms']:9.1f} ms  {row['fps']:7.2f} img/s  "
+              f"{row['peak_mem_mb']:8.1f} MiB ({row['peak_mem_source']})", flush=True)
     return rows
 
 
-def _key(row: dict) -> tuple:
-    return row["preset"], row["device"], row["autocast"], row["device_name"], tuple(row["input_size"])
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--student", default="cast-s", help="the student preset compared with the teacher")
+    parser.add_argument("--teacher-size", choices=["paper", "tiny"], default="paper")
+    parser.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"),
+                        help="input of the student-vs-teacher comparison")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-cuda", action="store_true", help="profile on the CPU only")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    rows = run(args.presets, args.repeats, args.warmup, use_cuda=not args.no_cuda)
-    # Keep rows measured elsewhere (e.g. a GPU machine); replace those measured again here.
-    previous = read_json(args.output)["results"] if args.output.is_file() else []
-    measured = {_key(row) for row in rows}
-    rows = [row for row in previous if _key(row) not in measured] + rows
-    atomic_write_json(args.output, {"flop_convention": "multiply-add = 2 FLOPs", "results": rows}, indent=2)
-    print(f"wrote {args.output}")
+    add_common_arguments(parser, NAME)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.presets, args.student, args.teacher_size, args.size = ["cast-tiny"], "cast-tiny", "tiny", [64, 64]
+        args.warmup, args.repeats = 1, 2
+    devices = setup(args)
+    runs = {}
+    for device in devices:
+        comparison, summary = student_vs_teacher(args, device)
+        runs[device.type] = {"machine": machine_info(device),
+                             "settings": {"precision": precision(device, args.amp),
+                                          "flop_convention": "multiply-add = 2 FLOPs"},
+                             "results": {"student_vs_teacher": comparison, "presets": presets(args, device)},
+                             "summary": summary}
+        print_summary(summary)
+    write_results(args.output, NAME, runs)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,12 @@ def precision(device: torch.device, amp: str) -> str:
     return amp if device.type == "cuda" and amp != "none" else "fp32"
 
 
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    return AMP_DTYPES[amp] if precision(device, amp) != "fp32" else None
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    dtype = AMP_DTYPES.get(precision(device, amp))
+    dtype = autocast_dtype(device, amp)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 

@@ -75,14 +75,17 @@ def export_onnx(model: CastStudent, path: str | Path, image_size: tuple[int, int
 
 class OnnxStudent:
     """A student exported by `export_onnx`, run with onnxruntime; `predict` follows
-    `cast.teachers.base.SegmentationModel.predict` (inputs must have the exported size)."""
+    `cast.teachers.base.SegmentationModel.predict` (inputs must have the exported size).
+    `session_options` (e.g. a thread count) go to onnxruntime as they are."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | Path, providers: list[str] | None = None,
+                 session_options: ort.SessionOptions | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: ONNX model not found")
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.path), sess_options=session_options,
+                                                providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise ValueError(f"{self.path}: not a loadable ONNX model: {e}") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
