@@ -203,8 +203,12 @@ class Evaluator:
         meta_path = self.folder.predictions(key).with_suffix(".meta.json")
         digest = weights_hash(model)
         if meta_path.is_file() and self.folder.predictions(key).is_file():
-            meta = read_json(meta_path)
-            if meta.get("weights_hash") == digest and meta.get("image_ids") == self.data.val.image_ids:
+            try:
+                meta = read_json(meta_path)
+            except ValueError:  # damaged: evaluate again rather than trust it
+                meta = None
+            if isinstance(meta, dict) and meta.get("weights_hash") == digest \
+                    and meta.get("image_ids") == self.data.val.image_ids:
                 return meta
         results = self._predict(model, f"evaluate {key}")
         meta = None

@@ -99,13 +99,20 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, st
     try:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save(directory / model_name, lambda p: save_model(unwrap(model), str(p)))
-        atomic_save(directory / state_name, lambda p: torch.save(state, p))
+        atomic_save(directory / state_name, lambda p: _torch_save(state, p))
         atomic_write_json(directory / POINTER, {"step": step, "model": model_name, "state": state_name})
     except OSError as e:
         raise CheckpointWriteError(
             f"cannot write checkpoint for step {step} to {directory}: {e.strerror or e}; "
             f"the last good checkpoint ({_describe(directory)}) is kept", e.errno) from e
     _prune(directory, keep_last)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file object: a failed write (disk full) then surfaces as the OSError behind
+    # torch's RuntimeError; torch.save(obj, path) reports only "unexpected pos".
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _prune(directory: Path, keep_last: int) -> None:
@@ -164,16 +171,22 @@ def save_model_dir(model: torch.nn.Module, directory: str | Path) -> None:
     """`save_pretrained` into a fresh temporary folder, then swap it in, so that `directory`
     either holds a complete model or nothing (a stage counts as done when it exists)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = None
     try:
+        # Inside the try: a read-only or full disk fails here already, and must say so the same way.
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         unwrap(model).save_pretrained(tmp)
+        # The old model is only removed once the new one is complete.
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"cannot write model to {directory}: {e.strerror or e}", e.errno) from e
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write model to {directory}: {e.strerror or e}; the stage's checkpoints "
+                                   "and any previous model there are kept", e.errno) from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

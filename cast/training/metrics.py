@@ -45,6 +45,11 @@ class MetricsLogger:
         for k, v in values.items():
             # json has no NaN/inf; keep the record valid and the problem visible.
             record[k] = None if isinstance(v, float) and not math.isfinite(v) else v
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a failed write (disk full) names no file; say which one
+            if e.errno is None or e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, str(self.path)) from e

@@ -8,20 +8,52 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+
+def _naming(error: OSError, path: Path, tmp_path: Path | None = None) -> OSError:
+    """`error` (same errno and reason) naming `path`, the file being written, instead of its
+    hidden temporary file or nothing (ENOSPC from a write names no file)."""
+    if error.errno is None or error.filename not in (None, str(tmp_path) if tmp_path else None):
+        return error
+    return OSError(error.errno, error.strerror or str(error), str(path))  # PermissionError etc. by errno
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The operating-system error behind a serializer's failure, if any.
+
+    Serializers report a failed write (disk full, file too large) in their own types: torch.save
+    into a file object raises RuntimeError with the OSError as its context, safetensors a
+    SafetensorError whose message ends in "(os error N)".
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    return None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path` atomically.
 
-    On any exception the temporary file is removed and `path` keeps its old content.
+    On any exception the temporary file is removed and `path` keeps its old content; an OSError
+    (disk full, read-only folder) is raised naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -30,9 +62,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        cause = e if isinstance(e, OSError) else _os_error_behind(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise _naming(cause, path, tmp_path) from e
         raise
 
 
@@ -59,7 +94,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
 
 
 def atomic_save(path: str | os.PathLike, save_fn: Callable[[Path], None]) -> None:
-    """Run `save_fn(tmp_path)` (e.g. safetensors' save_file, torch.save) and publish atomically."""
+    """Run `save_fn(tmp_path)` (e.g. safetensors' save_file, torch.save into an open file) and
+    publish atomically; a failed write raises OSError naming `path` (see `_os_error_behind`)."""
     with atomic_path(path) as tmp:
         save_fn(tmp)
 
