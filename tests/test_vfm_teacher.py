@@ -16,7 +16,7 @@ from cast.config import TrainConfig, config_from_dict, validate_config
 from cast.data.demo import DEMO_CLASSES
 from cast.pipeline.stages import train_stage
 from cast.structures import InstanceSample
-from cast.teachers.vfm import GroundingDinoSamTeacher
+from cast.teachers.vfm import GroundingDinoSamTeacher, TeacherSettings
 from cast.teachers.vfm_configs import bert_like_vocab, grounding_dino_config, sam_config
 from cast.teachers.vfm_ops import (boxes_to_cxcywh, build_prompt, class_log_probs, class_scores, masks_to_boxes,
                                    region_logits, resolve_overlaps, select_detections)
@@ -205,9 +205,13 @@ def test_save_load_round_trip_and_clear_errors(folders, tmp_path):
         GroundingDinoSamTeacher.from_pretrained(bare, sam_dir, classes=CLASSES, sam_kind="sam")
     with pytest.raises(ValueError, match="projection_stride=4"):
         load_teacher(folders, "sam", projection_stride=4)
+    # A vocabulary with its own ids for [CLS] / [SEP] / "." would silently break the phrase mapping.
+    compact = BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".",
+                                                                *CLASSES])})
+    with pytest.raises(ValueError, match=r"ids \(2, 3, 5\); Grounding-DINO's code expects \[101, 102, 1012\]"):
+        GroundingDinoSamTeacher(TeacherSettings(CLASSES, sam_kind="sam"), teacher.detector, teacher.sam, compact)
 
 
-@pytest.mark.slow
 def test_pipeline_runs_the_vfm_teacher_through_adaptation(folders, tmp_path):
     from cast.pipeline.runner import Pipeline
 

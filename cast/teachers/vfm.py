@@ -127,11 +127,11 @@ class GroundingDinoSamTeacher(nn.Module):
         # Deep supervision of every decoder layer, as Grounding-DINO was trained (only the loss changes).
         detector.config.auxiliary_loss = True
 
-        ids, owner = build_prompt(tokenizer, settings.classes, SPECIAL_TOKENS, detector.config.max_text_len)
         got = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.convert_tokens_to_ids("."))
         if list(got) != SPECIAL_TOKENS[:3]:
             raise ValueError(f"the tokenizer gives [CLS], [SEP], '.' the ids {got}; Grounding-DINO's code expects "
                              f"{SPECIAL_TOKENS[:3]} (bert-base-uncased)")
+        ids, owner = build_prompt(tokenizer, settings.classes, SPECIAL_TOKENS, detector.config.max_text_len)
         self.register_buffer("prompt_ids", torch.tensor([ids]), persistent=False)
         self.register_buffer("token_class", torch.tensor(owner), persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)

@@ -7,6 +7,15 @@ paper's 568 M:
     SAM2-L            216.9 M  (Hiera-L + FPN neck 212.7 M, mask decoder 4.2 M); the SAM2 paper's
                                224.4 M also counts the video memory modules, unused for images
     together          559.0 M  (+ 0.1 M projection head), i.e. 568 M within 2 %.
+Cost of `cast.teachers.vfm.random_teacher(classes, size="paper")`, measured with cast.efficiency
+(forward FLOPs, multiply-add = 2 FLOPs, batch 1; 2 shared CPU cores, torch 2.13):
+    Grounding-DINO-L at 800 x 1333        2188 GFLOPs
+    SAM2-L image encoder at 1024 x 1024   1622 GFLOPs (every image is resized to SAM's 1024 square)
+    SAM2-L mask decoder                    3.6 GFLOPs per box
+    profile_model(teacher, (512, 1024)): 2794 GFLOPs (Grounding-DINO at 512 x 1024, SAM2 at 1024,
+    the forward's 20 sampler boxes), 77 s; the cast-s student there: 50.9 M, 356 GFLOPs, 7.8 s
+    (benchmarks/results/models.json). The paper's 880 -> 200 GFLOPs states neither resolution nor
+    FLOP convention; ours give 11x the parameters and 7.8x the FLOPs of the student.
 "tiny": the same classes at a few hundred thousand parameters, for tests and smoke runs on
 64 x 64 images.
 
