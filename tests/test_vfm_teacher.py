@@ -41,6 +41,16 @@ def write_hub_folders(root: Path, sam_kind: str) -> tuple[Path, Path]:
     return gdino_dir, sam_dir
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny models' ops are far too small to gain from two threads; on a busy machine each of
+    # their hundreds of thread hand-offs waits for a core (a 0.06 s predict took 5 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     torch.manual_seed(0)
