@@ -403,3 +403,142 @@ def test_gradio_app_over_http(inspector, tmp_path):
             assert refused.value.code in (403, 404)
     finally:
         app.close()
+
+
+# --------------------------------------------------------------------------- hostile requests
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height RGB pixels, with almost no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _call(base: str, api: str, data: list) -> str:
+    """Gradio's two-step call API over plain HTTP; the event stream's text."""
+    import json
+
+    status, body = _http("POST", f"{base}/gradio_api/call/{api}", json.dumps({"data": data}).encode(),
+                         {"Content-Type": "application/json"})
+    assert status == 200, body
+    status, stream = _http("GET", f"{base}/gradio_api/call/{api}/{json.loads(body)['event_id']}")
+    return stream.decode()
+
+
+def _multipart(filename: str, content: bytes) -> tuple[bytes, dict]:
+    boundary = "castHostileBoundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_gradio_app_refuses_hostile_requests(inspector, tmp_path, monkeypatch):
+    """Path traversal (relative, absolute, URL-encoded once and twice, through a link pointing
+    outside), file paths smuggled into an input, huge uploads, decompression bombs and
+    non-images dressed as images, over HTTP against the running app: refused, nothing served or
+    written outside, and the app keeps answering."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from cast.inspection import MAX_UPLOAD_BYTES
+
+    data = inspector.data
+    secret = tmp_path / "secret.png"  # an image outside the run and data folders
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(secret)
+    link = data.data_root / "target_val" / "images" / "link_outside.png"
+    os.symlink(secret, link)
+    opened = []
+    real_predict_upload = inspector.predict_upload
+    monkeypatch.setattr(inspector, "predict_upload", lambda path, *a: opened.append(str(path)) or
+                        real_predict_upload(path, *a))
+    app = load_app_module().launch(inspector, port=(port := free_port()), prevent_thread_lock=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        client = Client(f"{base}/", verbose=False, download_files=str(tmp_path / "downloads"))
+        key = data.keys[0]
+
+        # Image keys, label sources and models leading outside: refused, whatever the spelling.
+        hostile_keys = ["../../../../etc/passwd", "/etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "..%2F..%2Fetc%2Fpasswd",
+                        "target_val/images/link_outside.png", f"target_val/../../../..{secret}", "a\x00b.png",
+                        str(data.run.config)]
+        for bad in hostile_keys:
+            with pytest.raises(AppError):
+                client.predict(bad, GROUND_TRUTH, 0.5, api_name="/overlay")
+            with pytest.raises((UnsafePathError, ValueError)):
+                data.image(bad)  # and the app's own check refuses them too, behind gradio's
+        for bad in ("predictions/../../../etc/passwd", "pseudo_labels/../config.yaml", "/etc/passwd"):
+            with pytest.raises(AppError):
+                client.predict(key, bad, 0.5, api_name="/overlay")
+        for bad in ("../../../etc", "/etc", "student_refinement/../../.."):
+            with pytest.raises(AppError):
+                client.predict(key, bad, "fusion", 16, 5, 5, api_name="/explain")
+
+        # A path smuggled into the upload input instead of an uploaded file: gradio refuses it
+        # before the app sees it (system files, the run's files, the data's images, the link).
+        for target in ("/etc/passwd", str(data.run.config), str(data.images[key].path), str(link), str(secret)):
+            stream = _call(base, "predict_upload", [{"path": target, "meta": {"_type": "gradio.FileData"}},
+                                                    MODEL_STAGE, 0.0])
+            assert "event: error" in stream and "root:" not in stream, stream
+        assert opened == []
+
+        # The file route, however the path is spelled.
+        for target in ("../../../../etc/passwd", "%2e%2e/%2e%2e/%2e%2e/etc/passwd", "..%2F..%2F..%2Fetc%2Fpasswd",
+                       "%252e%252e%252f%252e%252e%252fetc%252fpasswd", "%2Fetc%2Fpasswd", str(secret), str(link),
+                       str(data.run.config), "/tmp/gradio/../../etc/passwd"):
+            status, body = _http("GET", f"{base}/gradio_api/file={target}")
+            assert status in (403, 404) and b"root:" not in body, (target, status, body[:80])
+
+        # An upload whose file name climbs out of gradio's cache is stored inside it, by its base name.
+        escape = tmp_path / "escaped_upload.png"
+        status, body = _http("POST", f"{base}/gradio_api/upload", *_multipart(f"../../../../../..{escape}", b"x"))
+        assert status == 200 and not escape.exists(), body
+        assert b"/escaped_upload.png" in body and b".." not in body
+
+        # Huge uploads: refused while streaming, at the configured limit (20 MiB).
+        huge = b"\x00" * (MAX_UPLOAD_BYTES + 1)
+        status, body = _http("POST", f"{base}/gradio_api/upload", *_multipart("huge.png", huge))
+        assert status == 413 and b"maximum allowed size" in body
+
+        # Images that are not what they claim, each refused with the reason, without decoding pixels.
+        noisy = tmp_path / "noisy.png"
+        Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noisy)
+        gif = tmp_path / "anim.gif"
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(gif)
+        uploads = {
+            "bomb.png": (_png_header(60_000, 50_000), "too large to decode safely"),
+            "wide.png": (_png_header(5_000, 5_000), "more than the 16777216 allowed"),
+            "page.jpg": (b"<html><script>alert(1)</script></html>", "not an image"),
+            "drawing.png": (b'<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>', "not an image"),
+            "cut.png": (noisy.read_bytes()[:3000], "truncated or corrupt"),
+            "disguised.png": (gif.read_bytes(), "GIF images are not accepted"),
+            "empty.png": (b"", "not an image"),
+        }
+        for name, (content, reason) in uploads.items():
+            path = tmp_path / name
+            path.write_bytes(content)
+            with pytest.raises(AppError, match=reason):
+                client.predict(handle_file(str(path)), MODEL_STAGE, 0.0, api_name="/predict_upload")
+
+        # After all that, the app still serves a normal request.
+        upload = tmp_path / "fine.png"
+        Image.fromarray(np.random.default_rng(5).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(upload)
+        assert Image.open(client.predict(handle_file(str(upload)), MODEL_STAGE, 0.0,
+                                         api_name="/predict_upload")).size == (24, 20)
+    finally:
+        app.close()
+        link.unlink()
