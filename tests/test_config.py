@@ -110,3 +110,68 @@ def test_shipped_configs_are_valid(name):
     if name != "demo.yaml":
         assert cfg.teacher.kind == "gdino-sam2" and cfg.student.preset == "cast-s"
         assert cfg.data.labeled_fraction == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("values, key, problem", [
+    ({"data": {"labeled_fraction": -0.1}}, "data.labeled_fraction", "must be in (0, 1], got -0.1"),
+    ({"data": {"labeled_fraction": float("nan")}}, "data.labeled_fraction", "must be in (0, 1], got nan"),
+    ({"data": {"labeled_fraction": "half"}}, "data.labeled_fraction", "expected float"),
+    ({"data": {"crop_size": ["a", 64]}}, "data.crop_size[0]", "expected int"),
+    ({"data": {"crop_size": [64]}}, "data.crop_size", "must be [height, width]"),
+    ({"data": {"demo": {"image_sise": 64}}}, "data.demo.image_sise", "unknown key"),
+    ({"training": {"knowledge_transfer": {"steps": -1}}}, "training.knowledge_transfer.steps", "must be >= 0"),
+    ({"training": {"student_refinement": []}}, "training.student_refinement", "expected a mapping"),
+    ({"losses": {"num_negatives": 0}}, "losses.num_negatives", "R=0 must be >= 1"),
+    # R against the pixels of the smallest batch the loss sees: 64x64 crops at stride 8 are 64
+    # embedding pixels an image; the unlabeled batch of 1 has 64, so R=64 is impossible ...
+    ({"data": {"crop_size": [64, 64], "batch_size": 4, "unlabeled_batch_size": 1}, "losses": {"num_negatives": 64}},
+     "losses.num_negatives", "smaller than the 64 embedding pixels of a batch (batch 1 x 64x64 at stride 8)"),
+    # ... and a coarser stride shrinks the grid: 64x64 at stride 32 is 4 pixels an image.
+    ({"data": {"crop_size": [64, 64], "batch_size": 2, "unlabeled_batch_size": 2},
+      "losses": {"num_negatives": 8, "embedding_stride": 32}}, "losses.num_negatives", "smaller than the 8 embedding"),
+])
+def test_more_invalid_values_name_the_key(tmp_path, values, key, problem):
+    message = _error(tmp_path, values)
+    assert f"'{key}'" in message and problem in message, message
+
+
+def test_largest_possible_r_is_accepted(tmp_path):
+    values = {"data": {"crop_size": [64, 64], "batch_size": 4, "unlabeled_batch_size": 1},
+              "losses": {"num_negatives": 63}}
+    assert load_config(_write(tmp_path, values)).losses.num_negatives == 63
+
+
+def test_missing_encoder_folder_names_the_key(tmp_path):
+    message = _error(tmp_path, {"student": {"pretrained_encoder_dir": str(tmp_path / "dinov2-small")}})
+    assert "'student.pretrained_encoder_dir'" in message and "dinov2-small" in message
+
+
+def _cli_config(root: Path) -> dict:
+    return {"name": "refused", "output_dir": str(root / "runs"),
+            "data": {"kind": "demo", "root": str(root / "data"), "crop_size": [64, 64], "batch_size": 2,
+                     "unlabeled_batch_size": 2},
+            "teacher": {"pretrain": {"cache_dir": str(root / "cache")}}, "losses": {"num_negatives": 8}}
+
+
+@pytest.mark.parametrize("change, overrides, key, problem", [
+    (lambda v: v.update({"training": {"knowledge_transfer": {"learning_rate": 1.0}}}), [],
+     "training.knowledge_transfer.learning_rate", "unknown key"),
+    (lambda v: v["data"].update({"batch_size": "2"}), [], "data.batch_size", "expected int"),
+    (lambda v: v["data"].update({"kind": "coco", "root": "/nonexistent/coco"}), [], "data.root", "does not exist"),
+    (lambda v: None, ["data.labeled_fraction=0"], "data.labeled_fraction", "must be in (0, 1]"),
+    (lambda v: None, ["data.labeled_fraction=1.01"], "data.labeled_fraction", "must be in (0, 1]"),
+    (lambda v: None, ["losses.num_negatives=128"], "losses.num_negatives", "smaller than the 128 embedding pixels"),
+    (lambda v: None, ["data.labelled_fraction=0.5"], "data.labelled_fraction", "unknown key"),
+])
+def test_cli_refuses_a_bad_config_before_any_work_naming_the_key(tmp_path, capsys, change, overrides, key, problem):
+    from cast.cli import main
+
+    values = _cli_config(tmp_path)
+    change(values)
+    path = _write(tmp_path, values)
+    args = ["run", "--config", str(path)] + [a for o in overrides for a in ("--set", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and f"'{key}'" in err and problem in err, err
+    # Refused before any work: no run folder, no generated data, no teacher cache.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
