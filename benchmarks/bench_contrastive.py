@@ -149,7 +149,8 @@ def sweep_sizes(args: argparse.Namespace, element_bytes: int, budget: float) -> 
         sides.append(round(side))
         side *= math.sqrt(2.0)
     if not sides:
-        raise SystemExit(f"even --min-side {args.min_side} does not fit the dense reference in {budget / 2**30:.1f} GiB")
+        raise SystemExit(f"even --min-side {args.min_side} does not fit the dense reference in "
+                         f"{budget / 2**30:.1f} GiB")
     if max_side > sides[-1] * 1.1:  # close the sweep at the largest size that fits
         sides.append(max_side)
     return [s * s for s in sides]
@@ -178,6 +179,7 @@ def _run_in_subprocess(args: argparse.Namespace, method: str, pixels: int, devic
 
 
 def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
+    machine = machine_info(device)  # before the work: its load average is the machine's own
     element_bytes = 2 if precision(device, args.amp) in ("bf16", "fp16") else 4
     budget = args.memory_fraction * total_memory_bytes(device)
     sizes = sweep_sizes(args, element_bytes, budget)
@@ -199,8 +201,9 @@ def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
             print(f"  N={pixels}: out of memory; sweep ends", flush=True)
             break
         print(f"  B·N={row['BN']:>7}: ours {ours['median_ms']:9.1f} ms {ours['peak_mb']:8.1f} MiB | dense "
-              f"{dense['median_ms']:9.1f} ms {dense['peak_mb']:8.1f} MiB | {dense['median_ms'] / ours['median_ms']:5.1f}x "
-              f"faster, {dense['peak_mb'] / max(ours['peak_mb'], 1e-3):5.1f}x less memory | drawn s_deb ours "
+              f"{dense['median_ms']:9.1f} ms {dense['peak_mb']:8.1f} MiB | "
+              f"{dense['median_ms'] / ours['median_ms']:5.1f}x faster, "
+              f"{dense['peak_mb'] / max(ours['peak_mb'], 1e-3):5.1f}x less memory | drawn s_deb ours "
               f"{ours['drawn_weight']:.3f} dense {dense['drawn_weight']:.3f} uniform {ours['uniform_weight']:.3f}",
               flush=True)
 
@@ -231,7 +234,7 @@ def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
                 "classes": args.classes, "repeats": args.repeats, "warmup": 1,
                 "precision": precision(device, args.amp), "memory_fraction": args.memory_fraction,
                 "dense_budget_gib": budget / 2**30}
-    return {"machine": machine_info(device), "settings": settings, "results": rows,
+    return {"machine": machine, "settings": settings, "results": rows,
             "growth_exponents": {k: {"fit": v[0], "last_pair": v[1]} for k, v in exponents.items()},
             "summary": summary}
 

@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     devices = setup(args)
     runs = {}
     for device in devices:
+        machine = machine_info(device)  # before the work: its load average is the machine's own
         comparison, summary = student_vs_teacher(args, device)
-        runs[device.type] = {"machine": machine_info(device),
+        runs[device.type] = {"machine": machine,
                              "settings": {"precision": precision(device, args.amp),
                                           "flop_convention": "multiply-add = 2 FLOPs"},
                              "results": {"student_vs_teacher": comparison, "presets": presets(args, device)},

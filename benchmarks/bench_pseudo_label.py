@@ -1,9 +1,10 @@
 """Benchmark: pseudo-labeling throughput (images/s) of a teacher over a folder of images, in one
 process and in several (torchrun, gloo), and whether both give the same labels.
 
-What is timed is `cast.pipeline.pseudo_labels.pseudo_label` as the pipeline calls it: the
-folder's images loaded and resized by the data loader, the teacher's `predict`, COCO RLE
-encoding, the gather over processes, filtering and the atomic write of the label file; from a
+What is timed is `cast.pipeline.pseudo_labels.pseudo_label` as the pipeline calls it: the hash
+of the teacher's weights that keys the label store, the folder's images loaded by the data
+loader, the teacher's `predict`, COCO RLE encoding, the gather over processes, filtering and the
+atomic write of the label file; from a
 barrier before to a barrier after, median of --repeats passes over the folder (each writing a
 new file, so nothing is reused), after one untimed pass over the first batch of each process.
 Process start-up and teacher building are outside that window; the wall time of each whole
@@ -12,9 +13,8 @@ launch is recorded too.
 Teachers (built with seed 0 in every process, so the processes hold the same weights; the label
 manifest's weights hash confirms it):
   demo-teacher  the stand-in teacher preset (build_student). With random weights its mask
-                logits are nearly constant over the image and below 0, so it keeps no instance:
-                its figure covers loading, the network and post-processing, but no RLE encoding
-                (`instances_single` in the results says how many were kept).
+                logits hardly vary over an image, so its masks are simpler to encode than a
+                trained teacher's (`instances_single` in the results says how many it kept).
   vfm-paper     Grounding-DINO-L + SAM2-L with random weights (cast.teachers.vfm.random_teacher).
   vfm-tiny      the same classes at a few hundred thousand parameters (smoke runs, 64 x 64).
 Images: scenes of the demo generator (cast.data.demo.render_scene, target domain) written as PNGs.
@@ -56,10 +56,11 @@ from cast.training.distributed import DistContext, barrier, cleanup  # noqa: E40
 
 NAME = "pseudo_label"
 TEACHERS = ("demo-teacher", "vfm-paper", "vfm-tiny")
-# Per teacher: (images in the folder, image side, batch per process) for a full run; the paper
-# teacher runs SAM2-L at 1024 x 1024 on every image, hence fewer images.
-DEFAULTS = {"demo-teacher": (96, 128, 4), "vfm-paper": (8, 512, 1), "vfm-tiny": (16, 64, 2)}
-QUICK = {"demo-teacher": (8, 64, 2), "vfm-tiny": (4, 64, 2), "vfm-paper": (2, 256, 1)}
+# Per teacher: (images in the folder, image side, batch per process, timed passes) for a full
+# run; the paper teacher runs SAM2-L at 1024 x 1024 on every image (about half a minute on a
+# 2-core CPU), hence fewer images and one pass.
+DEFAULTS = {"demo-teacher": (96, 128, 4, 3), "vfm-paper": (4, 512, 1, 1), "vfm-tiny": (16, 64, 2, 3)}
+QUICK = {"demo-teacher": (8, 64, 2, 1), "vfm-tiny": (4, 64, 2, 1), "vfm-paper": (2, 256, 1, 1)}
 
 
 def build_teacher(name: str) -> nn.Module:
@@ -121,14 +122,14 @@ def worker(args: argparse.Namespace) -> None:
         cleanup()
 
 
-def launch(args: argparse.Namespace, teacher: str, folder: Path, batch: int, processes: int, threads: int,
-           device: torch.device, tmp: Path) -> dict:
+def launch(args: argparse.Namespace, teacher: str, folder: Path, batch: int, repeats: int, processes: int,
+           threads: int, device: torch.device, tmp: Path) -> dict:
     """Run the worker in `processes` processes; its rank-0 record plus the launch's wall time."""
     work = tmp / f"{teacher}-{processes}"
     work.mkdir()
     result = work / "result.json"
     worker_args = [__file__, "--worker", "--teacher", teacher, "--folder", str(folder), "--work-dir", str(work),
-                   "--result", str(result), "--batch", str(batch), "--repeats", str(args.repeats),
+                   "--result", str(result), "--batch", str(batch), "--repeats", str(repeats),
                    "--threads", str(threads), "--devices", device.type, "--amp", args.amp]
     if processes == 1:
         cmd = [sys.executable, *worker_args]
@@ -161,18 +162,21 @@ def compare(single: list[dict], multi: list[dict]) -> dict:
 
 
 def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
+    machine = machine_info(device)  # before the work: its load average is the machine's own
     total_threads = torch.get_num_threads()
     results, summary = {}, []
     for teacher in args.teachers:
-        count, side, batch = (QUICK if args.quick else DEFAULTS)[teacher]
+        count, side, batch, repeats = (QUICK if args.quick else DEFAULTS)[teacher]
         count, side, batch = args.images or count, args.image_size or side, args.batch or batch
+        repeats = args.repeats or repeats
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             write_images(tmp / "images", count, side)
             runs = {}
             for processes in (1, args.processes):
                 threads = max(1, total_threads // processes)
-                runs[processes] = launch(args, teacher, tmp / "images", batch, processes, threads, device, tmp)
+                runs[processes] = launch(args, teacher, tmp / "images", batch, repeats, processes, threads, device,
+                                         tmp)
         single, multi = runs[1], runs[args.processes]
         agreement = compare(single.pop("results"), multi.pop("results"))
         agreement["same_teacher_weights"] = single["teacher_hash"] == multi["teacher_hash"]
@@ -180,7 +184,8 @@ def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
             r.update(time_stats(r["seconds"]))
             r["images_per_s"] = r["images"] / (r["median_ms"] / 1e3)
         speedup = multi["images_per_s"] / single["images_per_s"]
-        results[teacher] = {"images": count, "image_size": side, "batch_per_process": batch, "single": single,
+        results[teacher] = {"images": count, "image_size": side, "batch_per_process": batch, "passes": repeats,
+                            "single": single,
                             "multi": multi, "speedup": speedup, "agreement": agreement}
         print(f"{device} {teacher}: {count} images {side}x{side}: 1 process {single['images_per_s']:.2f} img/s, "
               f"{args.processes} processes {multi['images_per_s']:.2f} img/s ({speedup:.2f}x); {agreement}", flush=True)
@@ -189,21 +194,21 @@ def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
         summary.append(summary_row(NAME, case, f"pseudo-label images/s, {args.processes} processes vs 1 "
                                    f"({'same labels' if agrees else 'LABELS DIFFER'})",
                                    multi["images_per_s"], single["images_per_s"], speedup))
-    settings = {"teachers": args.teachers, "processes": args.processes, "repeats": args.repeats,
+    settings = {"teachers": args.teachers, "processes": args.processes,
                 "cpu_threads_total": total_threads, "precision": precision(device, args.amp),
                 "score_threshold": 0.0}
-    return {"machine": machine_info(device), "settings": settings, "results": results, "summary": summary}
+    return {"machine": machine, "settings": settings, "results": results, "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teachers", nargs="+", choices=TEACHERS, default=None,
-                        help="default: demo-teacher vfm-paper (--quick: demo-teacher vfm-tiny)")
+                        help="default: demo-teacher vfm-paper (--quick: demo-teacher)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--images", type=int, default=None, help="images in the folder (default per teacher)")
     parser.add_argument("--image-size", type=int, default=None, help="square image side (default per teacher)")
     parser.add_argument("--batch", type=int, default=None, help="images per batch and process (default per teacher)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed passes (default per teacher)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -211,9 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     add_common_arguments(parser, NAME)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats = 1
-    args.teachers = args.teachers or (["demo-teacher", "vfm-tiny"] if args.quick else ["demo-teacher", "vfm-paper"])
+    args.teachers = args.teachers or (["demo-teacher"] if args.quick else ["demo-teacher", "vfm-paper"])
     devices = setup(args)
     if args.worker:
         worker(args)

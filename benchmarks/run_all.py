@@ -76,7 +76,8 @@ def markdown(rows: list[dict], machines: dict[str, dict], stale: list[str], runs
     lines += ["| " + " | ".join(_cell(row, c).replace("|", "/") for c in COLUMNS) + " |" for row in rows]
     lines += ["", "Ratios are oriented so that > 1 favours ours. Machines:", ""]
     for key, m in machines.items():
-        gpu = f", GPU {m['gpu']['name']} ({m['gpu']['memory_gib']} GiB, CUDA {m['gpu']['cuda']})" if m.get("gpu") else ""
+        gpu = m.get("gpu")
+        gpu = f", GPU {gpu['name']} ({gpu['memory_gib']} GiB, CUDA {gpu['cuda']})" if gpu else ""
         lines.append(f"- {key}: {m['date_utc']}, {m['cpu_model']}, {m['usable_cpus']} usable CPUs "
                      f"({m['torch_threads']} torch threads), {m['memory_gib']} GiB{gpu}; torch {m['torch']}; "
                      f"load average at start/end {m['load_average_start'][0]}/{m.get('load_average_end', ['?'])[0]}")
