@@ -14,10 +14,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-def _naming(error: OSError, path: Path, tmp_path: Path | None = None) -> OSError:
-    """`error` (same errno and reason) naming `path`, the file being written, instead of its
-    hidden temporary file or nothing (ENOSPC from a write names no file)."""
-    if error.errno is None or error.filename not in (None, str(tmp_path) if tmp_path else None):
+def _naming(error: OSError, path: Path) -> OSError:
+    """`error` (same errno and reason) naming `path`, the file being written, instead of its hidden
+    temporary (".<name>.XXXX.tmp", the one written or one mkstemp tried) or nothing (a failed
+    write() names no file)."""
+    filename = error.filename
+    if filename is not None:
+        filename = Path(os.fsdecode(filename))
+        if filename.parent != path.parent or not filename.name.startswith(f".{path.name}."):
+            return error  # about another file: keep it
+    if error.errno is None:
         return error
     return OSError(error.errno, error.strerror or str(error), str(path))  # PermissionError etc. by errno
 
@@ -67,7 +73,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
         cause = e if isinstance(e, OSError) else _os_error_behind(e) if isinstance(e, Exception) else None
         if cause is not None:
-            raise _naming(cause, path, tmp_path) from e
+            raise _naming(cause, path) from e
         raise
 
 
