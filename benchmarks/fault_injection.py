@@ -9,7 +9,8 @@ images, cast-tiny teacher and student, `steps` optimizer steps per stage, a chec
 every step), each run a subprocess with one intra-op thread so that interrupted and
 uninterrupted runs compute alike (CPU). No hook in the production code: a kill point is "stage S
 has just written its checkpoint for step k" (this process's write of checkpoints/latest.json,
-watched every few milliseconds), then a random delay in [0, max_delay), then SIGKILL. So kills
+watched every few milliseconds), then a random delay (up to one step of that stage, as the
+uninterrupted run measured it), then SIGKILL. So kills
 land mid-step, during a checkpoint or model write, in the stage's evaluation, in the next
 pseudo-labelling or at the start of the next stage; where each one landed is recorded from the
 files present at that moment. Stages: the stand-in teacher's pretraining, 1a, 1b, 2, 3 and the
@@ -301,18 +302,20 @@ class Kill:
     error: str = ""  # the run's own "error: ..." line (read-only faults)
 
 
-def kill_points(per_stage: int, steps: int, stages: tuple[str, ...], max_delay: float, seed: int,
+def kill_points(per_stage: int, steps: int, stages: tuple[str, ...], max_delay: float | dict[str, float], seed: int,
                 read_only: bool = False) -> list[KillPoint]:
-    """`per_stage` SIGKILL points per stage at checkpoints spread over 1..steps, random delays;
-    with `read_only`, then a read-only fault at the next step when the stage has one left."""
+    """`per_stage` SIGKILL points per stage at checkpoints spread over 1..steps, random delays up
+    to `max_delay` (seconds, or per stage); with `read_only`, then a read-only fault at the next
+    step when the stage has one left."""
     rng = random.Random(seed)
     points = []
     for stage in stages:
+        limit = max_delay[stage] if isinstance(max_delay, dict) else max_delay
         afters = sorted({min(steps, 1 + (i * steps) // per_stage if per_stage <= steps else 1 + i % steps)
                          for i in range(per_stage)})
-        points += [KillPoint(stage, after, round(rng.uniform(0.0, max_delay), 4)) for after in afters]
+        points += [KillPoint(stage, after, round(rng.uniform(0.0, limit), 4)) for after in afters]
         if read_only and afters[-1] < steps:
-            points.append(KillPoint(stage, afters[-1] + 1, round(rng.uniform(0.0, max_delay), 4), "read-only"))
+            points.append(KillPoint(stage, afters[-1] + 1, round(rng.uniform(0.0, limit), 4), "read-only"))
     return points
 
 
@@ -338,6 +341,13 @@ def permissions_prefix() -> tuple[str, ...] | None:
     if shutil.which("setpriv") is None:
         return None
     return ("setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner,-linux_immutable", "--")
+
+
+def step_seconds(root: Path, stage: str) -> float:
+    """Median time of one of the stage's steps in the run under `root` (its metrics.jsonl)."""
+    records = [json.loads(line) for line in (stage_dir(root, stage) / "metrics.jsonl").read_text().splitlines()]
+    times = sorted(r["sec_per_step"] for r in records if "sec_per_step" in r)
+    return times[len(times) // 2] if times else 0.1
 
 
 def wait_for(proc: subprocess.Popen, root: Path, point: KillPoint, since_ns: int, timeout: float) -> bool:
@@ -464,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-stage", type=int, default=3, help="SIGKILL points per stage")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per stage")
     parser.add_argument("--no-read-only", action="store_true", help="no read-only fault after the kills")
-    parser.add_argument("--max-delay", type=float, default=0.3, help="seconds; kills land up to this long "
-                                                                    "after their checkpoint")
+    parser.add_argument("--delay-scale", type=float, default=1.0,
+                        help="kills land up to this many of the stage's step times after their checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--work-dir", type=Path, help="where the runs go (default: a temporary folder, removed)")
@@ -486,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
 
     prefix = permissions_prefix()
     read_only = not args.no_read_only and prefix is not None
-    points = kill_points(args.per_stage, args.steps, tuple(args.stages), args.max_delay, args.seed, read_only)
+    step_s = {stage: step_seconds(ref_root, stage) * args.delay_scale for stage in args.stages}
+    points = kill_points(args.per_stage, args.steps, tuple(args.stages), step_s, args.seed, read_only)
     t = time.monotonic()
     kills, code, out = run_with_kills(config, faulted_root, points, args.steps, prefix=prefix or ())
     faulted_wall = time.monotonic() - t
@@ -495,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     damaged = damaged_file_runs(config, faulted_root)
     damaged["equal_to_reference_once_restored"] = not differences(reference, fingerprint(faulted_root))
 
+    def clear(k: Kill) -> bool:  # stopped by itself, naming a file of the run (not a temporary), no traceback
+        return (k.exit_code == 1 and k.error.startswith("error: ") and str(faulted_root) in k.error
+                and ".tmp'" not in k.error and "Traceback" not in k.error)
+
     def count(stage: str, fault: str, what) -> int:
         return sum(bool(what(k)) for k in kills if k.point.stage == stage and k.point.fault == fault)
 
@@ -502,10 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                          "killed": count(stage, "kill", lambda k: k.killed),
                          "landed_inside_the_stage": count(stage, "kill",
                                                           lambda k: k.killed and k.landed.startswith(stage)),
-                         "read_only_faults": count(stage, "read-only", lambda k: True),
-                         "read_only_stopped_with_a_clear_error": count(
-                             stage, "read-only", lambda k: k.exit_code == 1 and k.error.startswith("error: ")
-                             and str(faulted_root) in k.error and "Traceback" not in k.error)}
+                         "read_only_faults": count(stage, "read-only", lambda k: k.killed),
+                         "read_only_stopped_with_a_clear_error": count(stage, "read-only", clear)}
                  for stage in args.stages}
     import torch
 
@@ -515,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                     "platform": platform.platform()},
         "config": {"steps_per_stage": args.steps, "checkpoint_every": 1, "images": "demo, 32 px, 2 source / 4 "
                    "target train / 2 val", "models": "cast-tiny teacher and student", "threads": 1,
-                   "max_delay_s": args.max_delay, "seed": args.seed},
+                   "max_delay_s": {k: round(v, 3) for k, v in step_s.items()}, "seed": args.seed},
         "reference_wall_s": round(ref_wall, 1),
         "faulted_wall_s": round(faulted_wall, 1),
         "kills": [{**asdict(k.point), "killed": k.killed, "landed": k.landed, "seconds_into_run": k.seconds_into_run,

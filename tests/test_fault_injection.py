@@ -128,6 +128,7 @@ def test_run_folder_turning_read_only_mid_stage_stops_with_a_clear_error(killed_
     run = faults.run_dir(killed_run["root"])
     assert fault.exit_code == 1 and fault.error.startswith("error: "), fault
     assert str(run) in fault.error and "Permission denied" in fault.error, fault.error
+    assert ".tmp'" not in fault.error  # the file being written, not its hidden temporary
     assert "Traceback" not in fault.error and fault.problems == []
 
 
