@@ -4,9 +4,13 @@ are from eager's (so that a fast but wrong path cannot win).
 
 All three time the forward to the class and mask logits (post-processing excluded), median of
 --repeats after warm-up calls:
-  eager:    `model(pixel_values, pixel_mask)` under torch.no_grad (and autocast on CUDA).
+  eager:    `model(pixel_values, pixel_mask)` under torch.no_grad (and autocast on CUDA). It
+            also computes the contrastive projection head, a 1x1-conv pair at stride 32 that
+            the exported graph leaves out (a negligible share of the work).
   compile:  `torch.compile(model)` (inductor, default mode); its first call, which compiles, is
-            timed separately as compile_s. A failure is recorded with its reason, not raised.
+            timed separately as compile_s; the graph count, graph breaks and whether anything
+            recompiled during the timed calls are recorded. A failure is recorded with its
+            reason, not raised.
   onnx:     `cast.models.export.export_onnx` at the input size, run by `OnnxStudent` with
             CPUExecutionProvider, intra-op threads = torch's thread count (on CUDA with
             onnxruntime's CUDA provider when the installed onnxruntime has one, in float32).
@@ -149,13 +153,13 @@ def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
     summary = []
     for path_name, label in (("onnx", "onnxruntime"), ("compile", "torch.compile")):
         r = results[path_name]
+        # The goal is set for onnxruntime on the CPU (its CPUExecutionProvider); a failure misses it.
+        goal = f">= {GOAL_ONNX}x, outputs agree" if path_name == "onnx" and device.type == "cpu" else None
         if "failed" in r:
             summary.append(summary_row(NAME, case, f"latency ms, {label} vs eager ({r['failed'][:80]})", None,
-                                       eager_ms, None, f">= {GOAL_ONNX}x" if path_name == "onnx" else None,
-                                       False if path_name == "onnx" else None))
+                                       eager_ms, None, goal, False if goal else None))
             continue
         ratio = eager_ms / r["median_ms"]
-        goal = f">= {GOAL_ONNX}x, outputs agree" if path_name == "onnx" and device.type == "cpu" else None
         met = ratio >= GOAL_ONNX and r["agrees"] if goal else None
         note = "; RECOMPILED while timed" if r.get("recompiled_while_timed") else ""
         summary.append(summary_row(NAME, case, f"latency ms, {label} vs eager (max abs diff "
