@@ -36,16 +36,22 @@ def test_sweep_stops_at_the_largest_size_the_dense_reference_fits():
 @pytest.mark.distributed
 def test_quick_run_writes_every_results_file_and_the_summary(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    # One thread per process: the smoke run must not depend on the machine being idle.
-    # torch.compile would compile for minutes: the inference smoke run leaves it out.
-    inference = subprocess.run([sys.executable, str(BENCH / "bench_inference.py"), "--quick", "--no-compile",
-                                "--threads", "1", "--output", str(tmp_path / "inference.json")],
-                               capture_output=True, text=True, env=env)
-    assert inference.returncode == 0, inference.stderr[-3000:]
-    done = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--threads", "1",
-                           "--output-dir", str(tmp_path), "--only", "contrastive", "models", "training",
-                           "pseudo_label"], capture_output=True, text=True, env=env)
+    # One thread per process, the inference run beside the others (2 cores): a smoke run must not
+    # depend on an idle machine. torch.compile would compile for minutes: left out here.
+    log = tmp_path / "inference.log"
+    with log.open("w") as out:  # a file, not a pipe: nobody reads a pipe while run_all runs
+        inference = subprocess.Popen([sys.executable, str(BENCH / "bench_inference.py"), "--quick", "--no-compile",
+                                      "--threads", "1", "--output", str(tmp_path / "inference.json")],
+                                     stdout=out, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--threads", "1",
+                               "--output-dir", str(tmp_path), "--only", "contrastive", "models", "training",
+                               "pseudo_label"], capture_output=True, text=True, env=env)
+        inference.wait()
+    assert inference.returncode == 0, log.read_text()[-3000:]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The summary was written before the inference results were there: tabulate again.
+    rows, _, stale = run_all.collect(tmp_path)
+    assert {r["benchmark"] for r in rows} == set(run_all.BENCHMARKS) and not stale
 
     for name in run_all.BENCHMARKS:
         data = json.loads((tmp_path / f"{name}.json").read_text())
@@ -59,10 +65,9 @@ def test_quick_run_writes_every_results_file_and_the_summary(tmp_path):
             assert (row["met"] is None) == (row["goal"] is None)
 
     summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = {(r["benchmark"], r["metric"].split(" (")[0]): r for r in summary["rows"]}
-    assert summary["quick"] and not summary["stale_files"]
+    assert summary["quick"] and not summary["stale_files"] and summary["rows"]
     assert all(run["exit_code"] == 0 for run in summary["this_run"].values())
-    assert {r["benchmark"] for r in summary["rows"]} == set(run_all.BENCHMARKS)
+    rows = {(r["benchmark"], r["metric"].split(" (")[0]): r for r in rows}
     assert rows["training", "train images/s"]["goal"] == ">= 1.0x"
     assert rows["models", "FPS, image -> instances"]["goal"].startswith(">= 4.56x")
     onnx = rows["inference", "latency ms, onnxruntime vs eager"]
