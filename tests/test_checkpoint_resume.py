@@ -120,6 +120,7 @@ sys.path.insert(0, {tests!r})
 from test_training import make_trainer
 from test_checkpoint_resume import OBJECTIVE
 from pathlib import Path
+torch.set_num_threads({threads})  # the parent's: another thread count changes float reduction order
 torch.manual_seed(0)
 trainer = make_trainer(Path({folder!r}), steps=8, objective=OBJECTIVE, checkpoint_every=2)
 def report(step):
@@ -137,7 +138,8 @@ def test_sigkill_mid_stage_then_resume_gives_identical_weights(tmp_path):
     reference = make_trainer(tmp_path / "ref", steps=8, objective=OBJECTIVE, checkpoint_every=2).fit().state_dict()
 
     progress = tmp_path / "progress.txt"
-    code = CHILD.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "run"), progress=str(progress))
+    code = CHILD.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "run"), progress=str(progress),
+                        threads=torch.get_num_threads())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     child = subprocess.Popen([sys.executable, "-c", code], env=env)
     deadline = time.time() + 60

@@ -126,6 +126,7 @@ def test_odd_input_size_shapes_and_predict(tiny):
     assert out.mask_logits.shape[-2:] == (math.ceil(70 / 4), math.ceil(90 / 4))
     assert out.embeddings.shape[-2:] == (math.ceil(70 / 32), math.ceil(90 / 32))
     assert torch.isfinite(out.loss)
+    torch.testing.assert_close(tiny.pixel_embeddings(images), out.embeddings, atol=0, rtol=0)
 
     tiny.train()
     predictions = tiny.predict(images, image_sizes=[(70, 90), (50, 60)], orig_sizes=[(140, 180), (25, 30)])

@@ -38,8 +38,14 @@ class TinySegModel(torch.nn.Module):
         self.dropout = torch.nn.Dropout(0.1)  # makes RNG state part of what resume must restore
         self.nan_at_call, self.calls = nan_at_call, 0
 
+    def _features(self, pixel_values):
+        return self.dropout(torch.relu(self.backbone(pixel_values * 2 - 1)))
+
+    def pixel_embeddings(self, pixel_values, pixel_mask=None):
+        return self.proj(self._features(pixel_values))
+
     def forward(self, pixel_values, pixel_mask=None, targets=None) -> SegmentationOutput:
-        feats = self.dropout(torch.relu(self.backbone(pixel_values * 2 - 1)))
+        feats = self._features(pixel_values)
         mask_logits = torch.einsum("qd,bdhw->bqhw", self.query, feats)
         pooled = torch.einsum("bqhw,bdhw->bqd", mask_logits.sigmoid(), feats) / feats[0, 0].numel()
         class_logits = self.class_head(pooled + self.query)

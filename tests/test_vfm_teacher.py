@@ -169,8 +169,11 @@ def test_one_adaptation_step_trains_only_the_trainable_parts(folders, tmp_path):
         assert any(name.startswith(prefix) for name in changed), prefix
 
     # The stage's model folder loads offline and predicts exactly like the trained teacher.
-    reloaded = GroundingDinoSamTeacher.load(stage_dir / "model")
+    reloaded = GroundingDinoSamTeacher.load(stage_dir / "model").eval()
     pixel_values, pixel_mask, image_sizes, orig_sizes = batch(1)
+    # The strong view's embeddings come from the backbone alone, equal to the full forward's.
+    torch.testing.assert_close(reloaded.pixel_embeddings(pixel_values, pixel_mask),
+                               reloaded(pixel_values, pixel_mask).embeddings)
     for a, b in zip(trained.predict(pixel_values, pixel_mask, image_sizes, orig_sizes),
                     reloaded.predict(pixel_values, pixel_mask, image_sizes, orig_sizes)):
         assert torch.equal(a.masks, b.masks) and torch.equal(a.labels, b.labels) and torch.equal(a.scores, b.scores)

@@ -35,7 +35,8 @@ class SampleTransform(Protocol):
 
 
 def _image_tensor(sample: InstanceSample) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float().div_(255.0)
+    # The float copy is made by numpy: decoded images may be read-only arrays, which torch warns about.
+    return torch.from_numpy(np.ascontiguousarray(sample.image, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
 
 
 def _nearest(in_size: int, out_size: int, start: int, count: int) -> np.ndarray:

@@ -62,22 +62,12 @@ class CastStudent(nn.Module):
                 targets: list[dict[str, torch.Tensor]] | None = None) -> SegmentationOutput:
         """pixel_values (B, 3, H, W) in [0, 1]; pixel_mask (B, H, W) True on real pixels; targets
         as in `SetPredictionLoss` (masks covering the input, at its size or any other)."""
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
         height, width = pixel_values.shape[-2:]
-        pixels = (pixel_values - self.pixel_mean) / self.pixel_std
-        if pixel_mask is not None:
-            # Collate padding becomes the mean colour (0 after normalising), like the padding below.
-            pixels = pixels * pixel_mask[:, None].to(pixels.dtype)
-        pixels = F.pad(pixels, (0, (-width) % SIZE_DIVISIBILITY, 0, (-height) % SIZE_DIVISIBILITY))
-
-        features = self.neck(self.encoder(pixels))
+        features = self._features(pixel_values, pixel_mask)
         class_logits, mask_logits = self.decoder(features)
         mask_size = (math.ceil(height / 4), math.ceil(width / 4))
         mask_logits = [m[..., :mask_size[0], :mask_size[1]] for m in mask_logits]
-        stride = self.config.projection_stride
-        embeddings = self.projection_head(features[FEATURE_STRIDES.index(stride)])
-        embeddings = embeddings[..., :math.ceil(height / stride), :math.ceil(width / stride)]
+        embeddings = self._embeddings(features, (height, width))
 
         aux_outputs = [{"class_logits": c, "mask_logits": m} for c, m in zip(class_logits[:-1], mask_logits[:-1])]
         output = SegmentationOutput(class_logits=class_logits[-1], mask_logits=mask_logits[-1],
@@ -87,6 +77,28 @@ class CastStudent(nn.Module):
             output.loss, output.loss_dict = self.criterion(output.class_logits, output.mask_logits, targets,
                                                            aux_outputs)
         return output
+
+    def pixel_embeddings(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The projection head's output alone (B, D, h, w), without the decoder: what the
+        contrastive loss needs of its stop-gradient strong view."""
+        return self._embeddings(self._features(pixel_values, pixel_mask), tuple(pixel_values.shape[-2:]))
+
+    def _features(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """The neck's maps at strides 4/8/16/32 of the input padded to a multiple of 32."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        height, width = pixel_values.shape[-2:]
+        pixels = (pixel_values - self.pixel_mean) / self.pixel_std
+        if pixel_mask is not None:
+            # Collate padding becomes the mean colour (0 after normalising), like the padding below.
+            pixels = pixels * pixel_mask[:, None].to(pixels.dtype)
+        pixels = F.pad(pixels, (0, (-width) % SIZE_DIVISIBILITY, 0, (-height) % SIZE_DIVISIBILITY))
+        return self.neck(self.encoder(pixels))
+
+    def _embeddings(self, features: list[torch.Tensor], input_size: tuple[int, int]) -> torch.Tensor:
+        stride = self.config.projection_stride
+        embeddings = self.projection_head(features[FEATURE_STRIDES.index(stride)])
+        return embeddings[..., :math.ceil(input_size[0] / stride), :math.ceil(input_size[1] / stride)]
 
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,

@@ -18,6 +18,9 @@ class SegmentationModel(Protocol):
                 targets: list[dict[str, torch.Tensor]] | None = None) -> SegmentationOutput:
         """Images in [0, 1]; with targets, `output.loss` is the set-prediction loss."""
 
+    def pixel_embeddings(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(...).embeddings` alone (B, D, h, w), computing only what they need."""
+
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
                 image_sizes: list[tuple[int, int]] | None = None,

@@ -183,8 +183,7 @@ class GroundingDinoSamTeacher(nn.Module):
         sizes = valid_sizes(pixel_mask)
         labels = None if targets is None else self._detection_labels(targets, sizes, (height, width))
         det, features = self._detect(pixel_values, pixel_mask, labels)
-        stride = self.settings.projection_stride
-        embeddings = self.projection_head(features)[..., :math.ceil(height / stride), :math.ceil(width / stride)]
+        embeddings = self._project(features, (height, width))
         sam_embeddings = self._sam_embeddings(pixel_values, sizes)
         class_logits, mask_logits = self._sampler_outputs(det, sam_embeddings, sizes, (height, width))
         output = SegmentationOutput(class_logits=class_logits, mask_logits=mask_logits, embeddings=embeddings)
@@ -195,6 +194,16 @@ class GroundingDinoSamTeacher(nn.Module):
             output.loss_dict = {"loss_detection": det.loss, "loss_mask_bce": bce, "loss_mask_dice": dice,
                                 **{f"detection_{k}": v for k, v in det.loss_dict.items()}}
         return output
+
+    def pixel_embeddings(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The projection head on Grounding-DINO's backbone alone (no detector heads, no SAM):
+        what the contrastive loss needs of its stop-gradient strong view."""
+        _check_pixels(pixel_values)
+        batch, _, height, width = pixel_values.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones((batch, height, width), dtype=torch.bool, device=pixel_values.device)
+        levels = self.detector.model.backbone.conv_encoder(self._normalise(pixel_values, pixel_mask), pixel_mask.long())
+        return self._project(levels[self.projection_level][0], (height, width))
 
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
@@ -315,7 +324,7 @@ class GroundingDinoSamTeacher(nn.Module):
                 labels: list[dict[str, torch.Tensor]] | None) -> tuple[Any, torch.Tensor]:
         """Grounding-DINO on the batch with the class prompt; also returns its backbone's
         feature map at projection_stride (captured on the way, not computed twice)."""
-        pixels = (pixel_values - self.pixel_mean) / self.pixel_std * pixel_mask[:, None].to(pixel_values.dtype)
+        pixels = self._normalise(pixel_values, pixel_mask)
         ids = self.prompt_ids.expand(pixels.shape[0], -1)
         captured: list = []
         hook = self.detector.model.backbone.conv_encoder.register_forward_hook(
@@ -326,6 +335,14 @@ class GroundingDinoSamTeacher(nn.Module):
         finally:
             hook.remove()
         return out, captured[0][self.projection_level][0]
+
+    def _normalise(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        return (pixel_values - self.pixel_mean) / self.pixel_std * pixel_mask[:, None].to(pixel_values.dtype)
+
+    def _project(self, features: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        """Projection-head embeddings cropped to the input's extent at projection_stride."""
+        stride = self.settings.projection_stride
+        return self.projection_head(features)[..., :math.ceil(input_size[0] / stride), :math.ceil(input_size[1] / stride)]
 
     def _detection_labels(self, targets: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]],
                           input_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:

@@ -277,7 +277,7 @@ class Trainer:
             if "pixel_values_strong" not in batch:
                 raise RuntimeError(f"stage {self.stage}: lambda_pxl > 0 needs batches with strong views")
             with torch.no_grad():  # the strong view is a stop-gradient target from the same model
-                emb_strong = unwrap(net)(batch["pixel_values_strong"], batch["pixel_mask"]).embeddings
+                emb_strong = unwrap(net).pixel_embeddings(batch["pixel_values_strong"], batch["pixel_mask"])
             # Negative sampling is a pure function of (seed, step, micro, part, rank) for exact resume.
             key = ((self.seed * 1_000_003 + step) * 131 + micro) * 2 + (part == "unlabeled")
             gen = torch.Generator(device=self.ctx.device).manual_seed(key * 64 + self.ctx.rank)
