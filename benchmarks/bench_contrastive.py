@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PeakMemory, add_common_arguments, autocast, machine_info, precision, print_summary,  # noqa: E402
-                    setup, summary_row, time_calls, time_stats, write_results)
+from common import (PeakMemory, add_common_arguments, autocast, machine_info, measure_devices,  # noqa: E402
+                    precision, setup, summary_row, time_calls, time_stats)
 from cast.losses.contrastive import pixel_contrastive_loss, pixel_probabilities, sample_negatives  # noqa: E402
 
 NAME = "contrastive"
@@ -264,11 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(run_case(args.worker, args, args.sizes[0], devices[0])))
         return
-    runs = {}
-    for device in devices:
-        runs[device.type] = measure_device(args, device)
-        print_summary(runs[device.type]["summary"])
-    write_results(args.output, NAME, runs)
+    measure_devices(args.output, NAME, devices, lambda device: measure_device(args, device))
 
 
 if __name__ == "__main__":

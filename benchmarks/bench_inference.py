@@ -34,8 +34,8 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_common_arguments, autocast, machine_info, precision, print_summary, setup,  # noqa: E402
-                    summary_row, sync, time_calls, time_stats, write_results)
+from common import (add_common_arguments, autocast, machine_info, measure_devices, precision, setup,  # noqa: E402
+                    summary_row, sync, time_calls, time_stats)
 from cast.models.export import OnnxStudent, export_onnx  # noqa: E402
 from cast.models.student import build_student  # noqa: E402
 
@@ -181,16 +181,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.preset, args.size = "cast-tiny", [64, 64]
     devices = setup(args)
-    runs = {}
-    for device in devices:
+
+    def measure(device: torch.device) -> dict:
         # cast-s takes seconds per call on a 2-core CPU, milliseconds on a GPU.
         big = device.type == "cuda" and not args.quick
         device_args = argparse.Namespace(**{
             **vars(args), "warmup": args.warmup if args.warmup is not None else (10 if big else 1),
             "repeats": args.repeats or (50 if big else 3 if args.quick else 5)})
-        runs[device.type] = measure_device(device_args, device)
-        print_summary(runs[device.type]["summary"])
-    write_results(args.output, NAME, runs)
+        return measure_device(device_args, device)
+
+    measure_devices(args.output, NAME, devices, measure)
 
 
 if __name__ == "__main__":

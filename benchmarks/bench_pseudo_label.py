@@ -45,8 +45,8 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_common_arguments, autocast, machine_info, precision, print_summary, setup,  # noqa: E402
-                    summary_row, sync, time_stats, write_results)
+from common import (add_common_arguments, autocast, machine_info, measure_devices, precision, setup,  # noqa: E402
+                    summary_row, sync, time_stats)
 from cast.config import PseudoLabelConfig  # noqa: E402
 from cast.data.demo import DEMO_CLASSES, render_scene  # noqa: E402
 from cast.data.folder import read_image_folder  # noqa: E402
@@ -221,11 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
-    runs = {}
-    for device in devices:
-        runs[device.type] = measure_device(args, device)
-        print_summary(runs[device.type]["summary"])
-    write_results(args.output, NAME, runs)
+    measure_devices(args.output, NAME, devices, lambda device: measure_device(args, device))
 
 
 if __name__ == "__main__":

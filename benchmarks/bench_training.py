@@ -37,8 +37,8 @@ from torch import nn
 from transformers import Mask2FormerForUniversalSegmentation, SwinConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PeakMemory, add_common_arguments, autocast, machine_info, precision, print_summary,  # noqa: E402
-                    setup, summary_row, time_calls, time_stats, write_results)
+from common import (PeakMemory, add_common_arguments, autocast, machine_info, measure_devices,  # noqa: E402
+                    precision, setup, summary_row, time_calls, time_stats)
 from cast.models.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cast.models.decoder import mask2former_config  # noqa: E402
 from cast.models.student import CastStudent, build_student  # noqa: E402
@@ -169,17 +169,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.preset, args.size, args.instances = "cast-tiny", [64, 64], 3
     devices = setup(args)
-    runs = {}
-    for device in devices:
+
+    def measure(device: torch.device) -> dict:
         # A GPU runs the paper's batch sizes and many steps in seconds; a CPU needs minutes for a few.
         big = device.type == "cuda" and not args.quick
         device_args = argparse.Namespace(**{
             **vars(args), "batch": args.batch or (8 if big else 2),
             "warmup": args.warmup if args.warmup is not None else (5 if big else 1),
             "repeats": args.repeats or (20 if big else 2 if args.quick else 3)})
-        runs[device.type] = measure_device(device_args, device)
-        print_summary(runs[device.type]["summary"])
-    write_results(args.output, NAME, runs)
+        return measure_device(device_args, device)
+
+    measure_devices(args.output, NAME, devices, measure)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,17 @@ def write_results(path: Path, benchmark: str, runs: dict[str, dict[str, Any]]) -
     print(f"wrote {path}", flush=True)
 
 
+def measure_devices(path: Path, benchmark: str, devices: list[torch.device],
+                    measure: Callable[[torch.device], dict[str, Any]]) -> None:
+    """Run `measure` (a per-device entry with "machine" and "summary") on every device, print each
+    summary and store them all (see write_results)."""
+    runs = {}
+    for device in devices:
+        runs[device.type] = measure(device)
+        print_summary(runs[device.type]["summary"])
+    write_results(path, benchmark, runs)
+
+
 def print_summary(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"

@@ -56,6 +56,8 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from cast.utils.folder_lock import LOCK_NAME  # noqa: E402
 NAME = "faults"
 # Pipeline order; teacher_pretrain is the stand-in teacher's training (in the cache folder).
 STAGES = ("teacher_pretrain", "teacher_adaptation", "teacher_self_training", "knowledge_transfer",
@@ -230,8 +232,9 @@ def published_problems(root: Path) -> list[str]:
 
 
 def temporaries(root: Path) -> list[str]:
-    """Hidden temporaries left by killed writes (never read; removed by nothing)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob(".*") if p.name != ".write-test")
+    """Hidden temporaries of killed writes still there after the final run (each run sweeps those
+    of its folders on entry: cast.utils.folder_lock); the folder locks are not temporaries."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*") if p.name not in (".write-test", LOCK_NAME))
 
 
 # --------------------------------------------------------------------------- comparison

@@ -142,3 +142,19 @@ def test_unwritable_run_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"run folder {tmp_path / 'runs' / 'tiny'} is not writable: Read-only file system" in err
     assert not (tmp_path / "data").exists()  # refused before generating data or training
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
+    from test_folder_lock import hold_in_child
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    child = hold_in_child(tmp_path / "runs" / "tiny", 60)
+    try:
+        assert main(["run", "--config", str(config)]) == 1
+    finally:
+        child.kill()
+        child.wait()
+    assert f"run folder {tmp_path / 'runs' / 'tiny'} is in use by another process (pid {child.pid})" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # refused before any work

@@ -18,6 +18,7 @@ from cast.models.decoder import MaskedAttentionDecoder
 from cast.models.encoders import build_encoder, pretrained_encoder_config
 from cast.models.necks import DPTNeck, FPNNeck
 from cast.models.outputs import SegmentationOutput
+from cast.models.param_groups import adamw_parameter_groups
 from cast.models.postprocess import instance_inference
 from cast.structures import Instances
 from cast.utils.io import atomic_save
@@ -118,17 +119,7 @@ class CastStudent(nn.Module):
     def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_multiplier: float) -> list[dict]:
         """AdamW groups: encoder at lr * backbone_lr_multiplier; no weight decay on norms, biases,
         position/query/level embeddings; trainable parameters only; empty groups left out."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            backbone = name.startswith("encoder.")
-            decay = param.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
-            groups.setdefault((backbone, decay), []).append(param)
-        return [{"params": params, "lr": lr * (backbone_lr_multiplier if backbone else 1.0),
-                 "weight_decay": weight_decay if decay else 0.0,
-                 "name": f"{'backbone' if backbone else 'head'}_{'decay' if decay else 'no_decay'}"}
-                for (backbone, decay), params in sorted(groups.items())]
+        return adamw_parameter_groups(self, lr, weight_decay, backbone_lr_multiplier, "encoder.", NO_DECAY_NAMES)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors into `directory` (each atomically)."""

@@ -27,6 +27,7 @@ from cast.pipeline.stages import stage_complete, train_stage
 from cast.runs import RunFolder
 from cast.training.distributed import DistContext, barrier
 from cast.training.trainer import Objective
+from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_json, atomic_write_text
 
 # Published Cityscapes 10 % numbers: mask AP, or (AP, AP50) for the samplers.
@@ -88,7 +89,7 @@ def _from_main(a: Ablation, key: str) -> dict[str, Any]:
 
 
 def losses_study(a: Ablation) -> list[dict[str, Any]]:
-    cfg, data, lo = a.cfg, a.main.data, a.cfg.losses
+    data, lo = a.main.data, a.cfg.losses
     pseudo = a.pseudo("teacher_self_training")
     paper = PAPER["losses"]
     variants = [("L_sup", Objective(0.0, 0.0), None),
@@ -187,13 +188,15 @@ def run_ablation(cfg: CastConfig, study: str, ctx: DistContext = DistContext()) 
     """Run one study; writes ablations/<study>.json and .md and returns {"rows", "markdown"}."""
     if study not in STUDIES:
         raise ValueError(f"unknown ablation study {study!r}; expected one of {', '.join(STUDIES)}")
-    a = Ablation(cfg, study, ctx)
-    rows = STUDIES[study](a)
-    markdown = render_markdown(study, rows, cfg)
-    table = {"study": study, "title": TITLES[study], "rows": rows, "markdown": markdown}
-    if ctx.is_main:
-        root: Path = a.main.folder.ablations
-        atomic_write_json(root / f"{study}.json", {k: v for k, v in table.items() if k != "markdown"}, indent=2)
-        atomic_write_text(root / f"{study}.md", markdown)
-    barrier()
+    with exclusive_folder(cfg.run_dir, enabled=ctx.is_main, label="run folder"):
+        a = Ablation(cfg, study, ctx)
+        rows = STUDIES[study](a)
+        markdown = render_markdown(study, rows, cfg)
+        table = {"study": study, "title": TITLES[study], "rows": rows, "markdown": markdown}
+        if ctx.is_main:
+            root: Path = a.main.folder.ablations
+            atomic_write_json(root / f"{study}.json", {k: v for k, v in table.items() if k != "markdown"},
+                              indent=2)
+            atomic_write_text(root / f"{study}.md", markdown)
+        barrier()
     return table

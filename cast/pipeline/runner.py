@@ -30,6 +30,7 @@ from cast.runs import STAGES, RunFolder
 from cast.training.checkpoint import unwrap
 from cast.training.distributed import DistContext, barrier, broadcast_object
 from cast.training.plots import plot_report
+from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_json, atomic_write_text, read_json
 
 # Train / val folders (or split names) of each data kind, below data.root.
@@ -288,6 +289,10 @@ class Pipeline:
         """
         if stop_after is not None and stop_after not in STAGES:
             raise ValueError(f"stop_after={stop_after!r}: expected one of {', '.join(STAGES)}")
+        with exclusive_folder(self.folder.root, enabled=self.ctx.is_main, label="run folder"):
+            return self._run(stop_after)
+
+    def _run(self, stop_after: str | None) -> dict[str, Any]:
         start = time.perf_counter()
         self.prepare()
         cfg, rows = self.cfg, []
@@ -315,7 +320,7 @@ class Pipeline:
         if stop_after == "knowledge_transfer":
             return {"rows": rows}
         # 3: refine the student on D_l only.
-        s3 = self.stage("student_refinement", lambda: s2, self.load_student)
+        s3 = self.stage("student_refinement", lambda model=s2: model, self.load_student)
         rows.append(self.evaluate("student_refinement", s3, self._wall("student_refinement")))
         if stop_after == "student_refinement":
             return {"rows": rows}

@@ -24,6 +24,7 @@ from cast.models.student import CastStudent, build_student
 from cast.pipeline.stages import objective, stage_complete, stage_seed, train_stage
 from cast.structures import InstanceSample
 from cast.training.distributed import DistContext, barrier
+from cast.utils.folder_lock import exclusive_folder
 
 
 def cache_key(cfg: CastConfig, classes: Sequence[str]) -> str:
@@ -52,9 +53,12 @@ def pretrain_standin_teacher(cfg: CastConfig, source: Sequence[InstanceSample], 
                              ctx: DistContext = DistContext()) -> Path:
     """Train the stand-in teacher on the source domain unless the cache holds it; its model folder."""
     folder = cache_dir(cfg, classes)
-    if not stage_complete(folder):
-        train_stage("teacher_pretrain", new_teacher(cfg, classes), cfg, objective("teacher_pretrain", cfg),
-                    source, None, folder, ctx, train_cfg=cfg.teacher.pretrain.train)
+    # Runs sharing the cache wait for the one that trains it, then reuse its result.
+    with exclusive_folder(folder, enabled=ctx.is_main, label="stand-in teacher cache", wait=True):
+        barrier()  # the other ranks decide only once rank 0 holds the cache
+        if not stage_complete(folder):
+            train_stage("teacher_pretrain", new_teacher(cfg, classes), cfg, objective("teacher_pretrain", cfg),
+                        source, None, folder, ctx, train_cfg=cfg.teacher.pretrain.train)
     barrier()
     return folder / "model"
 

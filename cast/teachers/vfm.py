@@ -50,6 +50,7 @@ from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForOb
 from transformers.models.grounding_dino.modeling_grounding_dino import SPECIAL_TOKENS
 
 from cast.models.outputs import SegmentationOutput
+from cast.models.param_groups import adamw_parameter_groups
 from cast.structures import Instances
 from cast.teachers.vfm_configs import (BERT_BASE_VOCAB_SIZE, SAM_KINDS, bert_like_tokenizer, grounding_dino_config,
                                       sam_config)
@@ -239,17 +240,7 @@ class GroundingDinoSamTeacher(nn.Module):
         """AdamW groups of the trainable parameters: Grounding-DINO's image backbone at
         lr * backbone_lr_multiplier, the rest at lr; no weight decay on norms, biases and
         embeddings/tokens; empty groups left out."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            backbone = name.startswith(BACKBONE_PREFIX)
-            decay = param.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
-            groups.setdefault((backbone, decay), []).append(param)
-        return [{"params": params, "lr": lr * (backbone_lr_multiplier if backbone else 1.0),
-                 "weight_decay": weight_decay if decay else 0.0,
-                 "name": f"{'backbone' if backbone else 'head'}_{'decay' if decay else 'no_decay'}"}
-                for (backbone, decay), params in sorted(groups.items())]
+        return adamw_parameter_groups(self, lr, weight_decay, backbone_lr_multiplier, BACKBONE_PREFIX, NO_DECAY_NAMES)
 
     # ------------------------------------------------------------------ saving and loading
 
