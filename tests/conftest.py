@@ -16,3 +16,14 @@ torch.set_num_threads(2)
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: tiny models' ops are far too small to gain from two, and
+    on a busy machine each of their hundreds of thread hand-offs waits for a core (a 0.06 s predict
+    took 5 s). Modules of tiny models use it with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,6 +20,9 @@ from cast.structures import Instances
 from cast.teachers.base import SegmentationModel
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def synthetic_batch(num_images: int = 3, size: int = 64, seed: int = 0):
     """Images in [0, 1] with 2-3 non-overlapping-by-construction discs (class 0) and squares (class 1)."""
     rng = np.random.default_rng(seed)
@@ -76,16 +79,6 @@ def coco_mask_ap(predictions: list[Instances], targets: list[dict[str, torch.Ten
         evaluator.accumulate()
         evaluator.summarize()
     return 100.0 * float(evaluator.stats[0])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model's ops are too small to gain from two threads, and on a busy machine the
-    # thread hand-offs made the overfit run several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,9 @@ CLASSES = list(DEMO_CLASSES)  # disc, square, triangle, cross: the pipeline smok
 SAM_KINDS = ("sam2", "sam")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def write_hub_folders(root: Path, sam_kind: str) -> tuple[Path, Path]:
     """Tiny random Grounding-DINO (+ tokenizer) and SAM folders, as downloaded checkpoints lie."""
     gdino_dir, sam_dir = root / "grounding-dino", root / sam_kind
@@ -39,16 +42,6 @@ def write_hub_folders(root: Path, sam_kind: str) -> tuple[Path, Path]:
     tokenizer.save_pretrained(str(gdino_dir))
     (Sam2Model if sam_kind == "sam2" else SamModel)(sam_config("tiny", sam_kind)).save_pretrained(sam_dir)
     return gdino_dir, sam_dir
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models' ops are far too small to gain from two threads; on a busy machine each of
-    # their hundreds of thread hand-offs waits for a core (a 0.06 s predict took 5 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
