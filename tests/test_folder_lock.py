@@ -75,14 +75,17 @@ def test_entering_sweeps_temporaries_of_killed_writes_and_nothing_else(tmp_path)
             stale_file = tmp  # atomic_path removes its own on an exception; a SIGKILL would not
             raise KeyboardInterrupt
     stale_file.write_bytes(b"half a checkpoint")
+    rust_tmp = stage / "checkpoints" / ".tmp1cSj6s"  # seen after a kill inside a safetensors save
+    rust_tmp.write_bytes(b"half the weights")
     stale_dir = stage / ".model.9uevy9a2"
     (stale_dir / "sub").mkdir(parents=True)
-    keep = [stage / ".hidden", stage / "notes.tmp", stage / ".model", stage / ".x.tmp", stage / "model" / "w.bin"]
+    keep = [stage / ".hidden", stage / "notes.tmp", stage / ".model", stage / ".x.tmp", stage / ".tmpfile",
+            stage / "model" / "w.bin"]
     for path in keep:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("mine")
     with exclusive_folder(tmp_path):
-        assert not stale_file.exists() and not stale_dir.exists()
+        assert not stale_file.exists() and not stale_dir.exists() and not rust_tmp.exists()
         assert all(path.read_text() == "mine" for path in keep)
     assert remove_stale_temporaries(tmp_path) == []
 

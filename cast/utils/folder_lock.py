@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Iterator
 
 LOCK_NAME = ".lock"
-# tempfile's names (mkstemp / mkdtemp with prefix ".<name>." and, for files, suffix ".tmp").
-_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# tempfile's names (mkstemp / mkdtemp with prefix ".<name>." and, for files, suffix ".tmp"), and
+# ".tmpXXXXXX", what safetensors' Rust writer (the tempfile crate) leaves when killed mid-save.
+_TEMP_FILE = re.compile(r"^(\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6})$")
 _TEMP_DIR = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 _held: set[Path] = set()  # the folders this process holds
 
