@@ -146,7 +146,7 @@ class Trainer:
                 values.update({f"val_{k}": v for k, v in self.evaluate(model).items()})
             if evaluated or done % cfg.log_every == 0 or done == cfg.steps:
                 self.logger.log(done, values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)  # drawn at the bar's own pace
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 self._checkpoint(model, optimizer, scheduler, done)
             if self.on_step_end is not None:
