@@ -35,9 +35,9 @@ demo: $(STAMP)
 	done
 	cat $(DEMO_RUN)/report.md
 
+# The notebooks run in a pytest process of their own: one run hung in nbclient after the other
+# tests had shared its process (event loops, widget comms), and never when run alone.
 test: $(STAMP) browser
-	# The notebooks run in a pytest process of their own: one run hung in nbclient after the other
-	# tests had shared its process (event loops, widget comms), and never when run alone.
 	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml $(PY) -m pytest tests
 	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml $(PY) -m pytest --nbmake notebooks
 
