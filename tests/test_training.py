@@ -219,6 +219,20 @@ def test_supervised_stage_learns_and_writes_its_folder(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints").step == 25
 
 
+def test_a_stage_does_not_depend_on_what_the_process_drew_before(tmp_path):
+    """Dropout draws from the global RNG: a notebook kernel and the CLI reach a stage with
+    different RNG states, and must still train the same weights."""
+    weights = []
+    for i, earlier_seed in enumerate((1, 12345)):
+        torch.manual_seed(0)
+        model = TinySegModel()
+        torch.manual_seed(earlier_seed)
+        torch.rand(17)  # whatever ran before the stage
+        make_trainer(tmp_path / str(i), steps=3, model=model).fit()
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_unified_objective_terms_and_stop_gradient(tmp_path):
     contrastive = TinyContrastive()
     trainer = make_trainer(tmp_path, steps=2, objective=Objective(lambda_semi=0.5, lambda_pxl=0.2),

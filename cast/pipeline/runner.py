@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from cast.config import CastConfig, save_config
@@ -27,7 +26,7 @@ from cast.pipeline.pseudo_labels import PseudoLabeledImages, predict_results, ps
 from cast.pipeline.report import make_report, make_row, write_report
 from cast.pipeline.stages import objective, read_summary, stage_complete, stage_seed, train_stage
 from cast.runs import STAGES, RunFolder
-from cast.training.checkpoint import unwrap
+from cast.training.checkpoint import seed_all, unwrap
 from cast.training.distributed import DistContext, barrier, broadcast_object
 from cast.training.plots import plot_report
 from cast.utils.folder_lock import exclusive_folder
@@ -367,12 +366,7 @@ def pretrain_teacher(cfg: CastConfig, ctx: DistContext = DistContext()) -> Path:
     return pretrain_standin_teacher(cfg, source, source.classes, ctx)
 
 
-def set_seeds(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def run(cfg: CastConfig, ctx: DistContext = DistContext()) -> dict[str, Any]:
     """`python -m cast run`."""
-    set_seeds(cfg.seed)
+    seed_all(cfg.seed)
     return Pipeline(cfg, ctx).run()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from cast.config import LossConfig, TrainConfig
 from cast.models.outputs import SegmentationOutput
 from cast.training.checkpoint import (CheckpointReadError, CheckpointWriteError, load_checkpoint, load_weights,
-                                      rng_state, save_checkpoint, save_model_dir, set_rng_state, unwrap)
+                                      rng_state, save_checkpoint, save_model_dir, seed_all, set_rng_state, unwrap)
 from cast.training.data import batch_stream
 from cast.training.distributed import DistContext, all_ranks_true, barrier, broadcast_object, mean_over_ranks
 from cast.training.metrics import MetricsLogger
@@ -165,6 +165,9 @@ class Trainer:
                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
         ckpt = load_checkpoint(self.checkpoint_dir)
         if ckpt is None:
+            # Dropout and stochastic depth draw from the global RNGs: seed them from the stage, or
+            # the result would depend on what the process ran before (a notebook vs the CLI).
+            seed_all(self.seed * 1_000_003 + self.ctx.rank)
             return 0
         if ckpt.step > self.cfg.steps:
             raise ValueError(f"{self.checkpoint_dir}: checkpoint at step {ckpt.step} is past this stage's "
