@@ -59,6 +59,10 @@ def test_run_writes_every_stage_and_the_report(tiny_run):
     assert report["config"]["name"] == "tiny" and report["split"] == {"labeled": 2, "unlabeled": 6, "val": 3}
     md = folder.report_md.read_text()
     assert "CAST student after refinement (3)" in md and "33.9 / 58.7" in md  # paper numbers beside ours
+    walls = {r["model"]: r["wall_s"] for r in report["rows"]}
+    stages = sum(w for model, w in walls.items() if model != "teacher_zero_shot")
+    assert (f"- Training wall time: stages 1a-3 and the baseline {stages:.0f} s; teacher pretraining "
+            f"{walls['teacher_zero_shot']:.0f} s (once, then cached).") in md
 
     assert folder.config.is_file() and json.loads(folder.split.read_text())["labeled_image_ids"]
     assert folder.available_models() == list(STAGES)
@@ -90,6 +94,9 @@ def test_second_run_reuses_every_output(tiny_run):
     assert [(r["model"], r["AP"]) for r in report["rows"]] == [(r["model"], r["AP"]) for r in before]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing was retrained or recomputed
     assert not any(k in report["timings_s"] for k in STAGES)  # no stage trained this time
+    # the training walls are the stages' own, not this invocation's
+    assert [r["wall_s"] for r in report["rows"]] == [r["wall_s"] for r in before]
+    assert "(complete stages are loaded, not retrained)" in folder.report_md.read_text()
 
 
 @pytest.mark.slow
