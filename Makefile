@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(PY) -m cast pretrain-teacher --config configs/demo.yaml
 	mkdir -p $(DEMO_RUN)/notebooks
 	for nb in $(NOTEBOOKS); do \
-		$(VENV)/bin/papermill --cwd . -k python3 $$nb $(DEMO_RUN)/notebooks/$$(basename $$nb) || exit 1; \
+		$(VENV)/bin/papermill --cwd . -k python3 --execution-timeout 3600 $$nb $(DEMO_RUN)/notebooks/$$(basename $$nb) || exit 1; \
 	done
 	cat $(DEMO_RUN)/report.md
 

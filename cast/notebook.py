@@ -66,9 +66,14 @@ def show_samples(dataset: Any, count: int = 6, columns: int = 3, seed: int = 0):
 
 def browse(run_dir: str | Path):
     """An ipywidgets browser over a run's images: switch between ground truth, each stage's
-    pseudo-labels and each model's predictions, and move the score threshold."""
+    pseudo-labels and each model's predictions, and move the score threshold.
+
+    The drawing is an Image widget whose bytes are replaced, not an Output widget that is cleared
+    and redrawn into: papermill (nbclient) hung for good on that Output widget, on a cell the
+    kernel had finished, in a `make demo` and in CI runs."""
+    import io
+
     import ipywidgets as widgets
-    from IPython.display import display
     from PIL import Image
 
     from cast.inspection import RunInspector
@@ -77,22 +82,24 @@ def browse(run_dir: str | Path):
     image = widgets.Dropdown(options=inspector.data.keys, description="image")
     source = widgets.Dropdown(options=inspector.data.sources(), description="labels")
     threshold = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="score ≥")
-    out = widgets.Output()
+    picture = widgets.Image(format="png")
+    message = widgets.Label()
 
     def redraw(_: Any = None) -> None:
-        out.clear_output(wait=True)
-        with out:
-            try:
-                drawn = inspector.overlay(image.value, source.value, threshold.value)
-            except ValueError as e:  # e.g. pseudo-labels exist only for unlabeled images
-                print(e)
-                return
-            display(Image.fromarray(drawn).resize((drawn.shape[1] * 3, drawn.shape[0] * 3), Image.NEAREST))
+        try:
+            drawn = inspector.overlay(image.value, source.value, threshold.value)
+        except ValueError as e:  # e.g. an image that cannot be read any more
+            message.value = str(e)
+            return
+        message.value = ""
+        png = io.BytesIO()
+        Image.fromarray(drawn).resize((drawn.shape[1] * 3, drawn.shape[0] * 3), Image.NEAREST).save(png, "PNG")
+        picture.value = png.getvalue()
 
     for w in (image, source, threshold):
         w.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([widgets.HBox([image, source, threshold]), out])
+    return widgets.VBox([widgets.HBox([image, source, threshold]), message, picture])
 
 
 def show_report(run_dir: str | Path) -> None:

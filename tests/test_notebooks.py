@@ -37,3 +37,30 @@ def test_logic_lives_in_the_package(path):
     for cell in book.cells:
         if cell.cell_type == "code":
             assert "def " not in cell.source and "class " not in cell.source, path.name
+
+
+def test_browse_draws_into_an_image_widget_and_follows_its_controls(tmp_path, monkeypatch):
+    """No Output widget: papermill hung on one that the cell cleared and redrew into."""
+    import io
+
+    import ipywidgets as widgets
+    from PIL import Image
+
+    from cast.inspection import RunInspector
+    from cast.notebook import browse
+    from test_app import make_synthetic_run
+
+    box = browse(make_synthetic_run(tmp_path))
+    (image, source, threshold), message, picture = box.children[0].children, box.children[1], box.children[2]
+    assert not any(isinstance(w, widgets.Output) for w in (*box.children, *box.children[0].children))
+    ground_truth = picture.value
+    assert Image.open(io.BytesIO(ground_truth)).format == "PNG" and message.value == ""
+    source.value = "predictions/student_refinement"
+    threshold.value = 0.0
+    assert picture.value != ground_truth and message.value == ""
+    source.value = source.options[0]
+    assert picture.value == ground_truth
+    # a source that cannot be drawn says why and leaves the last drawing in place
+    monkeypatch.setattr(RunInspector, "overlay", lambda *a: (_ for _ in ()).throw(ValueError("cannot draw")))
+    image.value = image.options[-1]
+    assert message.value == "cannot draw" and picture.value == ground_truth
