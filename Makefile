@@ -38,8 +38,8 @@ demo: $(STAMP)
 	done
 	cat $(DEMO_RUN)/report.md
 
-# The notebooks run in a pytest process of their own: one run hung in nbclient after the other
-# tests had shared its process (event loops, widget comms), and never when run alone.
+# The notebooks run in a pytest process of their own, so their kernels never share an event loop
+# or widget comms with what the other tests left behind.
 test: $(STAMP) browser
 	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml $(PY) -m pytest tests
 	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml $(PY) -m pytest --nbmake notebooks
