@@ -38,11 +38,8 @@ demo: $(STAMP)
 	done
 	cat $(DEMO_RUN)/report.md
 
-# The notebooks run in a pytest process of their own, so their kernels never share an event loop
-# or widget comms with what the other tests left behind.
 test: $(STAMP) browser
-	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml $(PY) -m pytest tests
-	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml $(PY) -m pytest --nbmake notebooks
+	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml $(PY) -m pytest tests --nbmake notebooks
 
 # The app's browser test drives Debian's headless Chromium (the pip playwright browser cannot
 # be downloaded here); install it when missing and we are allowed to.

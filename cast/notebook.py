@@ -70,7 +70,7 @@ def browse(run_dir: str | Path):
 
     The drawing is an Image widget whose bytes are replaced, not an Output widget that is cleared
     and redrawn into: papermill (nbclient) hung for good on that Output widget, on a cell the
-    kernel had finished, in a `make demo` and in CI runs."""
+    kernel had finished, in a `make demo`."""
     import io
 
     import ipywidgets as widgets

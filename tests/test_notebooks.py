@@ -61,6 +61,9 @@ def test_browse_draws_into_an_image_widget_and_follows_its_controls(tmp_path, mo
     source.value = source.options[0]
     assert picture.value == ground_truth
     # a source that cannot be drawn says why and leaves the last drawing in place
-    monkeypatch.setattr(RunInspector, "overlay", lambda *a: (_ for _ in ()).throw(ValueError("cannot draw")))
+    def cannot_draw(*args):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(RunInspector, "overlay", cannot_draw)
     image.value = image.options[-1]
     assert message.value == "cannot draw" and picture.value == ground_truth
