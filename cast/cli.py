@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Heavy imports only once the config is known to be valid.
     from cast.data.errors import DataError
+    from cast.training.checkpoint import SettingsChangedError
     from cast.training.distributed import cleanup, init_distributed
     from cast.training.trainer import NonFiniteLossError
 
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = pretrain_teacher(cfg, ctx)
             if ctx.is_main:
                 print(f"stand-in teacher: {path}")
-    except (DataError, OSError, NonFiniteLossError) as e:
+    except (DataError, OSError, NonFiniteLossError, SettingsChangedError) as e:
         # Problems with the user's files, the disk or the run itself: the message names what and where.
         print(f"error: {e}", file=sys.stderr)
         return 1

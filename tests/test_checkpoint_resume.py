@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cast.training import checkpoint as ckpt_mod
-from cast.training.checkpoint import CheckpointWriteError, load_checkpoint, load_weights, save_checkpoint
+from cast.training.checkpoint import (CheckpointWriteError, SettingsChangedError, load_checkpoint, load_weights,
+                                      save_checkpoint, settings_changes)
 from cast.training.metrics import read_metrics
 from cast.training.trainer import Objective
 from test_training import TinySegModel, make_trainer
@@ -112,6 +113,34 @@ def test_injected_crash_then_resume_gives_identical_weights(tmp_path):
     ref_losses = [r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
     run_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert ref_losses == run_losses
+
+
+def test_a_checkpoint_saved_under_other_settings_is_not_resumed(tmp_path):
+    first = make_trainer(tmp_path, steps=6, checkpoint_every=2)
+    first.settings = {"train": {"lr": 0.01, "steps": 6}, "seed": 3}
+    first.on_step_end = _crash_at(3)
+    with pytest.raises(Crash):
+        first.fit()
+    saved = (tmp_path / "checkpoints" / "state-00000002.pt").read_bytes()
+
+    again = make_trainer(tmp_path, steps=6, checkpoint_every=2)
+    again.settings = {"train": {"lr": 0.02, "steps": 6}, "seed": 3}
+    with pytest.raises(SettingsChangedError, match=r"checkpoints: saved under other settings \(train.lr: 0.01 -> "
+                                                   r"0.02\); delete that folder"):
+        again.fit()
+    assert (tmp_path / "checkpoints" / "state-00000002.pt").read_bytes() == saved  # nothing overwritten
+
+    same = make_trainer(tmp_path, steps=6, checkpoint_every=2)
+    same.settings = {"train": {"lr": 0.01, "steps": 6}, "seed": 3}
+    same.fit()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_settings_changes_name_each_difference():
+    assert settings_changes({"a": 1, "b": {"x": 1, "y": 2}}, {"a": 1, "b": {"x": 1, "y": 2}}) == []
+    assert settings_changes({"a": 1, "b": {"x": 1, "y": 2}}, {"a": 2, "b": {"x": 1, "z": 3}}) == [
+        "a: 1 -> 2", "b.y: 2 -> None", "b.z: None -> 3"]
+    assert settings_changes(None, {"a": 1}) == ["no record of its settings (made by an older version)"]
 
 
 CHILD = """

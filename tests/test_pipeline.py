@@ -111,6 +111,21 @@ def test_sampler_ablation_table(tiny_run):
     assert "| uniform |" in (folder.ablations / "samplers.md").read_text()
 
 
+
+@pytest.mark.slow
+def test_a_stage_finished_under_other_settings_is_refused_not_reused(tiny_run, capsys):
+    config, folder = tiny_run
+    stamps = {p: p.stat().st_mtime_ns for p in folder.root.rglob("*") if p.is_file() and "stages" in p.parts}
+    assert main(["run", "--config", str(config), "--set", "training.student_refinement.lr=0.01"]) == 1
+    err = capsys.readouterr().err
+    assert "student_refinement: finished under other settings (train.lr: 0.0001 -> 0.01)" in err
+    assert "run under another name, or delete that folder" in err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage touched
+    # The first stage the change reaches is the one named.
+    assert main(["run", "--config", str(config), "--set", "losses.num_negatives=4"]) == 1
+    assert "teacher_adaptation: finished under other settings (losses.num_negatives: 8 -> 4)" in capsys.readouterr().err
+    assert main(["run", "--config", str(config)]) == 0  # the run's own settings still reuse everything
+
 def test_bad_config_is_refused_before_any_work(tmp_path, capsys):
     values = tiny_config(tmp_path)
     values["training"]["knowledge_transfer"]["lr"] = -1.0

@@ -53,6 +53,25 @@ def test_results_round_trip_to_samples():
     assert back.scores.tolist() == pytest.approx([0.9, 0.3])
 
 
+
+def test_the_settings_of_a_stage_follow_its_pseudo_labels():
+    from cast.config import load_config
+    from cast.pipeline.stages import objective, stage_settings
+
+    cfg = load_config("configs/smoke.yaml")
+    images, model = _samples(2, 8), TinySegModel()
+    masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    masks[0, :3, :4] = True
+
+    def settings(score: float) -> dict:
+        results = pl.instances_to_results(Instances(masks, torch.tensor([0]), torch.tensor([score])), 10, CATEGORY_IDS)
+        unlabeled = pl.PseudoLabeledImages(images, results, CATEGORY_IDS)
+        return stage_settings("knowledge_transfer", model, cfg, objective("knowledge_transfer", cfg), images, unlabeled)
+
+    assert settings(0.9) == settings(0.9)
+    assert settings(0.9)["unlabeled_images"] != settings(0.8)["unlabeled_images"]
+    assert {k for k in settings(0.9) if settings(0.9)[k] != settings(0.8)[k]} == {"unlabeled_images"}
+
 def test_labels_are_reused_until_teacher_data_or_thresholds_change(tmp_path, monkeypatch):
     calls = []
     real = pl.predict_results

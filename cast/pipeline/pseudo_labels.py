@@ -9,6 +9,7 @@ these match. Inference is sharded over ranks and gathered, so every rank ends wi
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 from collections.abc import Sequence
@@ -168,6 +169,8 @@ class PseudoLabeledImages(Sequence):
     def __init__(self, images: Sequence[InstanceSample], results: list[dict[str, Any]],
                  category_ids: Sequence[int]) -> None:
         self.images = images
+        # Identifies the labels for the settings of the stage trained on them.
+        self.digest = hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
         self.label_of = {int(cid): i for i, cid in enumerate(category_ids)}
         self.by_image: dict[int, list[dict]] = defaultdict(list)
         for r in results:

@@ -24,7 +24,8 @@ from cast.evaluation import evaluate_instances
 from cast.models.student import CastStudent, build_student
 from cast.pipeline.pseudo_labels import PseudoLabeledImages, predict_results, pseudo_label, weights_hash
 from cast.pipeline.report import make_report, make_row, write_report
-from cast.pipeline.stages import objective, read_summary, stage_complete, stage_seed, train_stage
+from cast.pipeline.stages import (objective, read_summary, stage_complete, stage_seed, stage_settings,
+                                  train_stage)
 from cast.runs import STAGES, RunFolder
 from cast.training.checkpoint import seed_all, unwrap
 from cast.training.distributed import DistContext, barrier, broadcast_object
@@ -252,12 +253,14 @@ class Pipeline:
               unlabeled: Any = None) -> torch.nn.Module:
         """The stage's trained model: loaded when the stage is complete, else trained (or resumed)."""
         stage_dir = self.folder.stage(stage)
-        if stage_complete(stage_dir):
+        model, goal = make_model(), objective(stage, self.cfg)
+        settings = stage_settings(stage, model, self.cfg, goal, self.data.labeled, unlabeled)
+        if stage_complete(stage_dir, settings):
+            del model  # the starting point only served the settings; free it before loading the result
             return load(stage_dir / "model")
         evaluate = self.evaluator.during_training if self.cfg.stage(stage).eval_every else None
-        return self._timed(stage, lambda: train_stage(stage, make_model(), self.cfg, objective(stage, self.cfg),
-                                                      self.data.labeled, unlabeled, stage_dir, self.ctx,
-                                                      evaluate=evaluate))
+        return self._timed(stage, lambda: train_stage(stage, model, self.cfg, goal, self.data.labeled, unlabeled,
+                                                      stage_dir, self.ctx, evaluate=evaluate, settings=settings))
 
     def pseudo_labels(self, teacher_name: str, teacher: torch.nn.Module) -> PseudoLabeledImages:
         """D_u pseudo-labeled by `teacher` (reused when teacher, images and thresholds are unchanged)."""

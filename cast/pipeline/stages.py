@@ -9,17 +9,22 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from cast.config import CastConfig, TrainConfig
 from cast.data.loader import InstanceTorchDataset, collate_instances
 from cast.data.views import WeakStrongViews
+from cast.pipeline.pseudo_labels import image_ids_of, weights_hash
 from cast.structures import InstanceSample
+from cast.training.checkpoint import SettingsChangedError, settings_changes
 from cast.training.distributed import DistContext
 from cast.training.trainer import Objective, TrainData, Trainer, build_contrastive
 from cast.utils.io import atomic_write_json, read_json
@@ -28,6 +33,8 @@ from cast.utils.io import atomic_write_json, read_json
 STAGE_SEEDS = {"teacher_pretrain": 11, "teacher_adaptation": 101, "teacher_self_training": 202,
                "knowledge_transfer": 303, "student_refinement": 404, "student_supervised": 505}
 SUMMARY = "summary.json"
+# Train settings that change how a stage is saved or logged, not what it learns.
+BOOKKEEPING = ("checkpoint_every", "log_every", "eval_every")
 
 
 def objective(stage: str, cfg: CastConfig) -> Objective:
@@ -45,15 +52,46 @@ def stage_seed(cfg: CastConfig, stage: str) -> int:
     return cfg.seed * 1000 + STAGE_SEEDS.get(stage, 999)
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def stage_settings(stage: str, model: torch.nn.Module, cfg: CastConfig, objective: Objective,
+                   labeled: Sequence[InstanceSample], unlabeled: Sequence[InstanceSample] | None,
+                   train_cfg: TrainConfig | None = None, seed: int | None = None) -> dict[str, Any]:
+    """What a stage's result is a function of: its starting weights, its data (pseudo-labels
+    included), its hyper-parameters and seed. A finished stage is reused, and a checkpoint
+    resumed, only under the same settings."""
+    train_cfg = train_cfg or cfg.stage(stage)
+    with_pxl = objective.lambda_pxl > 0
+    use_unlabeled = bool(unlabeled) and (objective.lambda_semi > 0 or with_pxl)
+    d = cfg.data
+    settings = {
+        "stage": stage, "seed": stage_seed(cfg, stage) if seed is None else seed,
+        "objective": dataclasses.asdict(objective),
+        "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in BOOKKEEPING},
+        "batches": {"crop_size": list(d.crop_size), "batch_size": d.batch_size,
+                    "unlabeled_batch_size": d.unlabeled_batch_size if use_unlabeled else None},
+        "losses": dataclasses.asdict(cfg.losses) if with_pxl else None,
+        "initial_weights": weights_hash(model),
+        "labeled_images": _digest(image_ids_of(labeled)),
+        "unlabeled_images": _digest([image_ids_of(unlabeled), getattr(unlabeled, "digest", None)])
+        if use_unlabeled else None,
+    }
+    return json.loads(json.dumps(settings))  # as it reads back from summary.json
+
+
 def train_stage(stage: str, model: torch.nn.Module, cfg: CastConfig, objective: Objective,
                 labeled: Sequence[InstanceSample], unlabeled: Sequence[InstanceSample] | None,
                 stage_dir: str | Path, ctx: DistContext = DistContext(), train_cfg: TrainConfig | None = None,
                 evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-                seed: int | None = None) -> torch.nn.Module:
+                seed: int | None = None, settings: dict[str, Any] | None = None) -> torch.nn.Module:
     """Train `model` on one setting of the objective into `stage_dir` (resuming when possible);
-    writes summary.json (steps, wall time) when done."""
+    writes summary.json (steps, wall time, `stage_settings`) when done."""
     if not labeled:
         raise ValueError(f"stage {stage}: no labeled images")
+    if settings is None:
+        settings = stage_settings(stage, model, cfg, objective, labeled, unlabeled, train_cfg, seed)
     seed = stage_seed(cfg, stage) if seed is None else seed
     train_cfg = train_cfg or cfg.stage(stage)
     with_pxl = objective.lambda_pxl > 0
@@ -65,7 +103,8 @@ def train_stage(stage: str, model: torch.nn.Module, cfg: CastConfig, objective: 
                      unlabeled=InstanceTorchDataset(unlabeled, views, seed + 1) if use_unlabeled else None,
                      unlabeled_batch_size=cfg.data.unlabeled_batch_size, num_workers=cfg.data.num_workers)
     trainer = Trainer(model, stage, train_cfg, objective, data, stage_dir, ctx, seed,
-                      contrastive=build_contrastive(cfg.losses) if with_pxl else None, evaluate=evaluate)
+                      contrastive=build_contrastive(cfg.losses) if with_pxl else None, evaluate=evaluate,
+                      settings=settings)
     start = time.perf_counter()
     model = trainer.fit()
     if ctx.is_main:
@@ -73,7 +112,8 @@ def train_stage(stage: str, model: torch.nn.Module, cfg: CastConfig, objective: 
         atomic_write_json(Path(stage_dir) / SUMMARY, {
             "stage": stage, "steps": train_cfg.steps, "complete": True, "wall_s": time.perf_counter() - start,
             "lambda_semi": objective.lambda_semi, "lambda_pxl": objective.lambda_pxl,
-            "num_labeled": len(labeled), "num_unlabeled": len(unlabeled) if use_unlabeled else 0}, indent=2)
+            "num_labeled": len(labeled), "num_unlabeled": len(unlabeled) if use_unlabeled else 0,
+            "settings": settings}, indent=2)
     return model
 
 
@@ -87,7 +127,14 @@ def read_summary(stage_dir: str | Path) -> dict | None:
         return None
 
 
-def stage_complete(stage_dir: str | Path) -> bool:
-    """A stage is done when its final model folder and its summary exist."""
+def stage_complete(stage_dir: str | Path, settings: dict[str, Any] | None = None) -> bool:
+    """A stage is done when its final model folder and its summary exist; given `settings`, a
+    stage finished under other settings raises SettingsChangedError rather than being reused."""
     summary = read_summary(stage_dir)
-    return bool(summary and summary.get("complete")) and (Path(stage_dir) / "model" / "config.json").is_file()
+    done = bool(summary and summary.get("complete")) and (Path(stage_dir) / "model" / "config.json").is_file()
+    if done and settings is not None:
+        changes = settings_changes(summary.get("settings"), settings)
+        if changes:
+            raise SettingsChangedError(f"{stage_dir}: finished under other settings ({'; '.join(changes)}); run "
+                                       "under another name, or delete that folder to train the stage again")
+    return done

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from cast.config import LossConfig, TrainConfig
 from cast.models.outputs import SegmentationOutput
-from cast.training.checkpoint import (CheckpointReadError, CheckpointWriteError, load_checkpoint, load_weights,
-                                      rng_state, save_checkpoint, save_model_dir, seed_all, set_rng_state, unwrap)
+from cast.training.checkpoint import (CheckpointReadError, CheckpointWriteError, SettingsChangedError,
+                                      load_checkpoint, load_weights, rng_state, save_checkpoint, save_model_dir,
+                                      seed_all, set_rng_state, settings_changes, unwrap)
 from cast.training.data import batch_stream
 from cast.training.distributed import DistContext, all_ranks_true, barrier, broadcast_object, mean_over_ranks
 from cast.training.metrics import MetricsLogger
@@ -90,14 +91,16 @@ class Trainer:
 
     `evaluate(model) -> {"AP": ..., "AP50": ...}` is called every `cfg.eval_every` steps on all
     ranks (it may be collective). `on_step_end(step)` runs after each finished step (after its
-    checkpoint), e.g. to report progress.
+    checkpoint), e.g. to report progress. `settings` (json-able: what the result is a function of)
+    is saved with each checkpoint; a checkpoint saved under other settings is not resumed.
     """
 
     def __init__(self, model: torch.nn.Module, stage: str, cfg: TrainConfig, objective: Objective,
                  data: TrainData, stage_dir: str | Path, ctx: DistContext = DistContext(), seed: int = 0,
                  contrastive: torch.nn.Module | None = None,
                  evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-                 on_step_end: Callable[[int], None] | None = None) -> None:
+                 on_step_end: Callable[[int], None] | None = None,
+                 settings: dict[str, Any] | None = None) -> None:
         if objective.lambda_pxl > 0 and contrastive is None:
             raise ValueError(f"stage {stage}: lambda_pxl={objective.lambda_pxl} needs a contrastive loss")
         if objective.lambda_semi > 0 and data.unlabeled is None:
@@ -105,6 +108,7 @@ class Trainer:
         self.model, self.stage, self.cfg, self.objective = model, stage, cfg, objective
         self.data, self.ctx, self.seed = data, ctx, seed
         self.contrastive, self.evaluate, self.on_step_end = contrastive, evaluate, on_step_end
+        self.settings = settings
         self.stage_dir = Path(stage_dir)
         self.checkpoint_dir = self.stage_dir / "checkpoints"
         self.logger = MetricsLogger(self.stage_dir / "metrics.jsonl", enabled=ctx.is_main)
@@ -169,6 +173,10 @@ class Trainer:
             # the result would depend on what the process ran before (a notebook vs the CLI).
             seed_all(self.seed * 1_000_003 + self.ctx.rank)
             return 0
+        changes = settings_changes(ckpt.state.get("settings"), self.settings) if self.settings is not None else []
+        if changes:
+            raise SettingsChangedError(f"{self.checkpoint_dir}: saved under other settings ({'; '.join(changes)}); "
+                                       "delete that folder to restart the stage, or run under another name")
         if ckpt.step > self.cfg.steps:
             raise ValueError(f"{self.checkpoint_dir}: checkpoint at step {ckpt.step} is past this stage's "
                              f"{self.cfg.steps} steps; delete the folder to retrain")
@@ -189,7 +197,7 @@ class Trainer:
         error = None
         if self.ctx.is_main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "rng": rng_state()}
+                     "scaler": self.scaler.state_dict(), "rng": rng_state(), "settings": self.settings}
             try:
                 save_checkpoint(self.checkpoint_dir, step, model, state)
             except CheckpointWriteError as e:
