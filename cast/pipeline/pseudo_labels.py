@@ -44,6 +44,11 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def json_digest(value: Any) -> str:
+    """sha256 of a json-able value, independent of dict order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def instances_to_results(instances: Instances, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
     """COCO result dicts (compressed RLE) of one image's instances, with mask area and box."""
     results = instances_to_coco(instances, image_id, category_ids)
@@ -170,7 +175,7 @@ class PseudoLabeledImages(Sequence):
                  category_ids: Sequence[int]) -> None:
         self.images = images
         # Identifies the labels for the settings of the stage trained on them.
-        self.digest = hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()
+        self.digest = json_digest(results)
         self.label_of = {int(cid): i for i, cid in enumerate(category_ids)}
         self.by_image: dict[int, list[dict]] = defaultdict(list)
         for r in results:

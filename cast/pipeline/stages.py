@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from cast.config import CastConfig, TrainConfig
 from cast.data.loader import InstanceTorchDataset, collate_instances
 from cast.data.views import WeakStrongViews
-from cast.pipeline.pseudo_labels import image_ids_of, weights_hash
+from cast.pipeline.pseudo_labels import image_ids_of, json_digest, weights_hash
 from cast.structures import InstanceSample
 from cast.training.checkpoint import SettingsChangedError, settings_changes
 from cast.training.distributed import DistContext
@@ -52,10 +51,6 @@ def stage_seed(cfg: CastConfig, stage: str) -> int:
     return cfg.seed * 1000 + STAGE_SEEDS.get(stage, 999)
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 def stage_settings(stage: str, model: torch.nn.Module, cfg: CastConfig, objective: Objective,
                    labeled: Sequence[InstanceSample], unlabeled: Sequence[InstanceSample] | None,
                    train_cfg: TrainConfig | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -74,8 +69,8 @@ def stage_settings(stage: str, model: torch.nn.Module, cfg: CastConfig, objectiv
                     "unlabeled_batch_size": d.unlabeled_batch_size if use_unlabeled else None},
         "losses": dataclasses.asdict(cfg.losses) if with_pxl else None,
         "initial_weights": weights_hash(model),
-        "labeled_images": _digest(image_ids_of(labeled)),
-        "unlabeled_images": _digest([image_ids_of(unlabeled), getattr(unlabeled, "digest", None)])
+        "labeled_images": json_digest(image_ids_of(labeled)),
+        "unlabeled_images": json_digest([image_ids_of(unlabeled), getattr(unlabeled, "digest", None)])
         if use_unlabeled else None,
     }
     return json.loads(json.dumps(settings))  # as it reads back from summary.json
