@@ -23,7 +23,7 @@ import torch
 from cast.config import CastConfig
 from cast.models.student import CastStudent
 from cast.pipeline.runner import Evaluator, Pipeline, new_student
-from cast.pipeline.stages import stage_complete, train_stage
+from cast.pipeline.stages import stage_complete, stage_settings, train_stage
 from cast.runs import RunFolder
 from cast.training.distributed import DistContext, barrier
 from cast.training.trainer import Objective
@@ -58,10 +58,11 @@ class Ablation:
         """Train one variant with the budget of `stage` (or load it when it is done)."""
         cfg = cfg or self.cfg
         stage_dir = self.folder.stage(name)
-        if stage_complete(stage_dir):
+        model = make_model()
+        settings = stage_settings(stage, model, cfg, objective, labeled, unlabeled)
+        if stage_complete(stage_dir, settings):
             return CastStudent.from_pretrained(stage_dir / "model")
-        return train_stage(stage, make_model(), cfg, objective, labeled, unlabeled, stage_dir, self.ctx,
-                           train_cfg=cfg.stage(stage))
+        return train_stage(stage, model, cfg, objective, labeled, unlabeled, stage_dir, self.ctx, settings=settings)
 
     def evaluate(self, name: str, model: torch.nn.Module) -> dict[str, Any]:
         meta = self.evaluator(name, model)
