@@ -126,7 +126,7 @@ def test_a_checkpoint_saved_under_other_settings_is_not_resumed(tmp_path):
     again = make_trainer(tmp_path, steps=6, checkpoint_every=2)
     again.settings = {"train": {"lr": 0.02, "steps": 6}, "seed": 3}
     with pytest.raises(SettingsChangedError, match=r"checkpoints: saved under other settings \(train.lr: 0.01 -> "
-                                                   r"0.02\); delete that folder"):
+                                                   r"0.02\); run under another name, or delete that folder"):
         again.fit()
     assert (tmp_path / "checkpoints" / "state-00000002.pt").read_bytes() == saved  # nothing overwritten
 

@@ -23,7 +23,7 @@ from cast.data.loader import InstanceTorchDataset, collate_instances
 from cast.data.views import WeakStrongViews
 from cast.pipeline.pseudo_labels import image_ids_of, json_digest, weights_hash
 from cast.structures import InstanceSample
-from cast.training.checkpoint import SettingsChangedError, settings_changes
+from cast.training.checkpoint import require_same_settings
 from cast.training.distributed import DistContext
 from cast.training.trainer import Objective, TrainData, Trainer, build_contrastive
 from cast.utils.io import atomic_write_json, read_json
@@ -128,8 +128,5 @@ def stage_complete(stage_dir: str | Path, settings: dict[str, Any] | None = None
     summary = read_summary(stage_dir)
     done = bool(summary and summary.get("complete")) and (Path(stage_dir) / "model" / "config.json").is_file()
     if done and settings is not None:
-        changes = settings_changes(summary.get("settings"), settings)
-        if changes:
-            raise SettingsChangedError(f"{stage_dir}: finished under other settings ({'; '.join(changes)}); run "
-                                       "under another name, or delete that folder to train the stage again")
+        require_same_settings(summary.get("settings"), settings, stage_dir, "finished")
     return done

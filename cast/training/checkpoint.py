@@ -49,6 +49,16 @@ class SettingsChangedError(ValueError):
     run now asks for: it is neither resumed nor reused, and nothing is overwritten."""
 
 
+def require_same_settings(recorded: dict[str, Any] | None, wanted: dict[str, Any], where: str | Path,
+                          made: str) -> None:
+    """Raise SettingsChangedError naming every change when `recorded` (what `where` was `made`
+    under) differs from `wanted`."""
+    changes = settings_changes(recorded, wanted)
+    if changes:
+        raise SettingsChangedError(f"{where}: {made} under other settings ({'; '.join(changes)}); run under "
+                                   "another name, or delete that folder to start it again")
+
+
 def settings_changes(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
     """'key: old -> new' for every setting that differs (one level of nesting spelled out)."""
     if recorded is None:

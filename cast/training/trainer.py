@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from cast.config import LossConfig, TrainConfig
 from cast.models.outputs import SegmentationOutput
-from cast.training.checkpoint import (CheckpointReadError, CheckpointWriteError, SettingsChangedError,
-                                      load_checkpoint, load_weights, rng_state, save_checkpoint, save_model_dir,
-                                      seed_all, set_rng_state, settings_changes, unwrap)
+from cast.training.checkpoint import (CheckpointReadError, CheckpointWriteError, load_checkpoint, load_weights,
+                                      require_same_settings, rng_state, save_checkpoint, save_model_dir, seed_all,
+                                      set_rng_state, unwrap)
 from cast.training.data import batch_stream
 from cast.training.distributed import DistContext, all_ranks_true, barrier, broadcast_object, mean_over_ranks
 from cast.training.metrics import MetricsLogger
@@ -173,10 +173,8 @@ class Trainer:
             # the result would depend on what the process ran before (a notebook vs the CLI).
             seed_all(self.seed * 1_000_003 + self.ctx.rank)
             return 0
-        changes = settings_changes(ckpt.state.get("settings"), self.settings) if self.settings is not None else []
-        if changes:
-            raise SettingsChangedError(f"{self.checkpoint_dir}: saved under other settings ({'; '.join(changes)}); "
-                                       "delete that folder to restart the stage, or run under another name")
+        if self.settings is not None:
+            require_same_settings(ckpt.state.get("settings"), self.settings, self.checkpoint_dir, "saved")
         if ckpt.step > self.cfg.steps:
             raise ValueError(f"{self.checkpoint_dir}: checkpoint at step {ckpt.step} is past this stage's "
                              f"{self.cfg.steps} steps; delete the folder to retrain")
