@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import importlib.metadata
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +29,8 @@ if str(ROOT) not in sys.path:  # the scripts run as files, not as an installed p
 
 from cast.efficiency import CpuPeakMemory  # noqa: E402
 from cast.utils.io import atomic_write_json, read_json  # noqa: E402
+from cast.utils.machine import machine_info as _machine_info  # noqa: E402
+from cast.utils.machine import package_version, usable_cpus  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -46,10 +45,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="torch CPU threads (default: every core this process may use)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the script, in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / f"{name}.json")
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def setup(args: argparse.Namespace) -> list[torch.device]:
@@ -86,43 +81,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _memory_gib() -> float | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    return None
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """Where and with what a figure was measured; the load average shows whether the machine
-    was busy with other work (a quiet machine stays well below its core count)."""
-    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "cpu_model": _cpu_model(), "logical_cpus": os.cpu_count(),
-            "usable_cpus": usable_cpus(), "torch_threads": torch.get_num_threads(), "memory_gib": _memory_gib(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": _version("transformers"),
-            "onnxruntime": _version("onnxruntime"), "device": device.type, "gpu": None,
-            "load_average_start": [round(v, 2) for v in os.getloadavg()]}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                       "cuda": torch.version.cuda}
-    return info
+    """`cast.utils.machine.machine_info` plus the onnxruntime version the inference benchmark uses."""
+    return {**_machine_info(device), "onnxruntime": package_version("onnxruntime")}
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:

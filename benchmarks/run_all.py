@@ -78,7 +78,8 @@ def markdown(rows: list[dict], machines: dict[str, dict], stale: list[str], runs
     for key, m in machines.items():
         gpu = m.get("gpu")
         gpu = f", GPU {gpu['name']} ({gpu['memory_gib']} GiB, CUDA {gpu['cuda']})" if gpu else ""
-        lines.append(f"- {key}: {m['date_utc']}, {m['cpu_model']}, {m['usable_cpus']} usable CPUs "
+        lines.append(f"- {key}: {m['date_utc']}, {m['cpu_model']} ({m.get('cpu_capability', 'ISA not recorded')}), "
+                     f"{m['usable_cpus']} usable CPUs "
                      f"({m['torch_threads']} torch threads), {m['memory_gib']} GiB{gpu}; torch {m['torch']}; "
                      f"load average at start/end {m['load_average_start'][0]}/{m.get('load_average_end', ['?'])[0]}")
     for path in stale:

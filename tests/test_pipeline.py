@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cast.cli import main
+from cast.pipeline.report import render_markdown
 from cast.runs import STAGES, RunFolder
+from cast.utils.machine import describe_machine, machine_info
 
 ROWS = {"teacher_zero_shot", "teacher_adaptation", "teacher_self_training", "student_supervised",
         "knowledge_transfer", "student_refinement"}
@@ -63,6 +66,14 @@ def test_run_writes_every_stage_and_the_report(tiny_run):
     stages = sum(w for model, w in walls.items() if model != "teacher_zero_shot")
     assert (f"- Training wall time: stages 1a-3 and the baseline {stages:.0f} s; teacher pretraining "
             f"{walls['teacher_zero_shot']:.0f} s (once, then cached).") in md
+    # every wall says what it was measured on (the CPU's instruction set included)
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(report["stage_machines"]) == {"teacher_pretrain", *STAGES}
+    here = describe_machine(report["machine"])
+    assert set(report["stage_machines"].values()) == {here}
+    assert f"- Stage walls measured on {here}." in md and f"s on {here} (complete stages" in md
+    for stage in STAGES:
+        assert json.loads((folder.stage(stage) / "summary.json").read_text())["machine"]["cpu_model"]
 
     assert folder.config.is_file() and json.loads(folder.split.read_text())["labeled_image_ids"]
     assert folder.available_models() == list(STAGES)
@@ -81,6 +92,22 @@ def test_run_writes_every_stage_and_the_report(tiny_run):
     assert manifest["num_instances"] == len(labels) and all("counts" in r["segmentation"] for r in labels)
     assert set(folder.available_predictions()) == ROWS
     assert (folder.plots / "ap.png").is_file()
+
+
+def test_report_names_each_machine_its_stage_walls_were_measured_on(tmp_path):
+    fast = {**machine_info(), "cpu_capability": "AVX512"}
+    slow = {**fast, "cpu_capability": "AVX2"}
+    rows = [{"name": "a", "model": "teacher_adaptation", "AP": 1.0, "AP50": 2.0, "params_m": 1.0, "gflops": 1.0,
+             "latency_ms": 1.0, "wall_s": 10.0}]
+    report = {"rows": rows, "config": json.loads(json.dumps(tiny_config(tmp_path))) | {"name": "t"},
+              "stage_machines": {"teacher_adaptation": describe_machine(fast), "knowledge_transfer":
+                                 describe_machine(slow), "student_refinement": describe_machine(slow)},
+              "total_wall_s": 3.0, "machine": slow}
+    md = render_markdown(report)
+    assert "CPUs (AVX512)" in describe_machine(fast) and "CPUs (AVX2)" in describe_machine(slow)
+    assert (f"- Stage walls measured on: {describe_machine(fast)} (teacher_adaptation); "
+            f"{describe_machine(slow)} (knowledge_transfer, student_refinement).") in md
+    assert f"- This invocation: 3 s on {describe_machine(slow)} (complete stages are loaded" in md
 
 
 @pytest.mark.slow

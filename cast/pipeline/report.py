@@ -7,6 +7,7 @@ from typing import Any
 
 from cast.config import CastConfig, config_to_dict
 from cast.utils.io import atomic_write_json, atomic_write_text
+from cast.utils.machine import describe_machine
 
 # (row key, display name) in table order; the keys are the model names of predictions/.
 ROWS = (
@@ -104,8 +105,19 @@ def _wall_lines(report: dict[str, Any]) -> list[str]:
         pretrain = walls.get("teacher_zero_shot")
         once = f"; teacher pretraining {pretrain:.0f} s (once, then cached)" if pretrain else ""
         lines.append(f"- Training wall time: stages 1a-3 and the baseline {sum(stages):.0f} s{once}.")
+    # The same steps took 2.5x longer on one host of the VM than on another: say where each was timed.
+    machines: dict[str, list[str]] = {}
+    for stage, machine in report.get("stage_machines", {}).items():
+        machines.setdefault(machine, []).append(stage)
+    if len(machines) == 1:
+        lines.append(f"- Stage walls measured on {next(iter(machines))}.")
+    elif machines:
+        lines.append("- Stage walls measured on: " + "; ".join(f"{m} ({', '.join(stages)})"
+                                                             for m, stages in machines.items()) + ".")
     if "total_wall_s" in report:
-        lines.append(f"- This invocation: {report['total_wall_s']:.0f} s (complete stages are loaded, not retrained).")
+        on = f" on {describe_machine(report['machine'])}" if report.get("machine") else ""
+        lines.append(f"- This invocation: {report['total_wall_s']:.0f} s{on} (complete stages are loaded, "
+                     "not retrained).")
     return lines
 
 

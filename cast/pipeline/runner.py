@@ -32,6 +32,7 @@ from cast.training.distributed import DistContext, barrier, broadcast_object
 from cast.training.plots import plot_report
 from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_json, atomic_write_text, read_json
+from cast.utils.machine import describe_machine, machine_info
 
 # Train / val folders (or split names) of each data kind, below data.root.
 DATA_SPLITS = {"demo": ("target_train", "target_val"), "coco": ("train", "val"),
@@ -122,7 +123,7 @@ class TeacherSource:
 
     def __init__(self, cfg: CastConfig, data: RunData, ctx: DistContext) -> None:
         self.cfg, self.data, self.ctx = cfg, data, ctx
-        self.pretrain_wall_s: float | None = None
+        self.pretrain_dir: Path | None = None  # the stand-in's pretraining stage folder
         if cfg.teacher.kind == "standin":
             from cast.pipeline.standin_teacher import pretrain_standin_teacher
 
@@ -131,7 +132,7 @@ class TeacherSource:
                 raise ValueError(f"{cfg.data.root}/{cfg.teacher.pretrain.source}: classes {source.classes} differ "
                                  f"from the target data's {data.classes}")
             self.standin_dir = pretrain_standin_teacher(cfg, source, data.classes, ctx)
-            self.pretrain_wall_s = (read_summary(self.standin_dir.parent) or {}).get("wall_s")
+            self.pretrain_dir = self.standin_dir.parent
 
     def zero_shot(self) -> torch.nn.Module:
         if self.cfg.teacher.kind == "standin":
@@ -230,6 +231,7 @@ class Pipeline:
     cfg: CastConfig
     ctx: DistContext = field(default_factory=DistContext)
     timings: dict[str, float] = field(default_factory=dict)
+    stage_machines: dict[str, str] = field(default_factory=dict)  # where each stage wall was measured
 
     def __post_init__(self) -> None:
         self.folder = RunFolder(self.cfg.run_dir)
@@ -275,8 +277,12 @@ class Pipeline:
         meta = self._timed(f"evaluate_{key}", lambda: self.evaluator(key, model))
         return make_row(key, meta["metrics"], meta["efficiency"], wall_s)
 
-    def _wall(self, stage: str) -> float | None:
-        return (read_summary(self.folder.stage(stage)) or {}).get("wall_s")
+    def _wall(self, stage: str, stage_dir: Path | None = None) -> float | None:
+        """A stage's training wall time from its summary; notes the machine it was measured on."""
+        summary = read_summary(stage_dir or self.folder.stage(stage)) or {}
+        if summary.get("machine"):
+            self.stage_machines[stage] = describe_machine(summary["machine"])
+        return summary.get("wall_s")
 
     def load_student(self, model_dir: Path) -> CastStudent:
         return CastStudent.from_pretrained(model_dir)
@@ -295,11 +301,13 @@ class Pipeline:
             return self._run(stop_after)
 
     def _run(self, stop_after: str | None) -> dict[str, Any]:
-        start = time.perf_counter()
+        start, machine = time.perf_counter(), machine_info(self.ctx.device)
         self.prepare()
         cfg, rows = self.cfg, []
         teacher0 = self.teachers.zero_shot()
-        rows.append(self.evaluate("teacher_zero_shot", teacher0, self.teachers.pretrain_wall_s))
+        pretrain_dir = self.teachers.pretrain_dir
+        pretrain_wall = self._wall("teacher_pretrain", pretrain_dir) if pretrain_dir else None
+        rows.append(self.evaluate("teacher_zero_shot", teacher0, pretrain_wall))
         del teacher0
 
         # 1a: adapt theta_T^0 on D_l.
@@ -333,6 +341,8 @@ class Pipeline:
 
         self.timings["total"] = round(time.perf_counter() - start, 2)
         report = make_report(rows, cfg, {"timings_s": self.timings, "total_wall_s": self.timings["total"],
+                                         "machine": machine,
+                                         "stage_machines": self.stage_machines,
                                          "split": {"labeled": len(self.data.labeled),
                                                    "unlabeled": len(self.data.unlabeled),
                                                    "val": len(self.data.val)}})

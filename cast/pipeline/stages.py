@@ -27,6 +27,7 @@ from cast.training.checkpoint import require_same_settings
 from cast.training.distributed import DistContext
 from cast.training.trainer import Objective, TrainData, Trainer, build_contrastive
 from cast.utils.io import atomic_write_json, read_json
+from cast.utils.machine import machine_info
 
 # Offsets that give every stage its own data order and initialisation from the one run seed.
 STAGE_SEEDS = {"teacher_pretrain": 11, "teacher_adaptation": 101, "teacher_self_training": 202,
@@ -82,7 +83,7 @@ def train_stage(stage: str, model: torch.nn.Module, cfg: CastConfig, objective: 
                 evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
                 seed: int | None = None, settings: dict[str, Any] | None = None) -> torch.nn.Module:
     """Train `model` on one setting of the objective into `stage_dir` (resuming when possible);
-    writes summary.json (steps, wall time, `stage_settings`) when done."""
+    writes summary.json (steps, wall time and the machine it was measured on, `stage_settings`) when done."""
     if not labeled:
         raise ValueError(f"stage {stage}: no labeled images")
     if settings is None:
@@ -100,12 +101,13 @@ def train_stage(stage: str, model: torch.nn.Module, cfg: CastConfig, objective: 
     trainer = Trainer(model, stage, train_cfg, objective, data, stage_dir, ctx, seed,
                       contrastive=build_contrastive(cfg.losses) if with_pxl else None, evaluate=evaluate,
                       settings=settings)
-    start = time.perf_counter()
+    machine, start = machine_info(ctx.device), time.perf_counter()
     model = trainer.fit()
     if ctx.is_main:
-        # wall_s: this call only (a resumed stage does not count the interrupted run's time).
+        # wall_s: this call only (a resumed stage does not count the interrupted run's time), on `machine`.
         atomic_write_json(Path(stage_dir) / SUMMARY, {
             "stage": stage, "steps": train_cfg.steps, "complete": True, "wall_s": time.perf_counter() - start,
+            "machine": machine,
             "lambda_semi": objective.lambda_semi, "lambda_pxl": objective.lambda_pxl,
             "num_labeled": len(labeled), "num_unlabeled": len(unlabeled) if use_unlabeled else 0,
             "settings": settings}, indent=2)

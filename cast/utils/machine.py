@@ -1,0 +1,69 @@
+"""What a wall time (or a benchmark figure) was measured on.
+
+Times mean little without the machine: the same 2-core VM has landed on hosts 2.5x apart in
+speed, and the CPU's instruction set (torch's kernel choice: AVX2, AVX512, ...) also changes the
+floating-point order, hence the trained weights, so it is recorded with every stage's wall time.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    return None
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The machine as of now; the load average shows whether it was busy with other work (a quiet
+    machine stays well below its core count)."""
+    device = torch.device(device)
+    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "cpu_model": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "logical_cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": _memory_gib(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": package_version("transformers"), "device": device.type, "gpu": None,
+            "load_average_start": [round(v, 2) for v in os.getloadavg()]}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                       "cuda": torch.version.cuda}
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line, e.g. 'AMD EPYC, 2 CPUs (AVX2), 2 torch threads, torch 2.13.0+cpu'."""
+    cpu = (f"{info.get('cpu_model', '?')}, {info.get('usable_cpus', '?')} CPUs ({info.get('cpu_capability', '?')}), "
+           f"{info.get('torch_threads', '?')} torch threads")
+    gpu = info.get("gpu")
+    return f"{gpu['name']} + {cpu}, torch {info.get('torch')}" if gpu else f"{cpu}, torch {info.get('torch')}"
