@@ -67,6 +67,7 @@ def test_overrides_and_round_trip(tmp_path):
     ({"data": {"kind": "voc"}}, "data.kind", "not one of"),
     ({"device": "tpu"}, "device", "must be auto, cpu, cuda"),
     ({"pseudo_labels": {"score_threshold": 2.0}}, "pseudo_labels.score_threshold", "must be in [0, 1]"),
+    ({"pseudo_labels": {"min_kept_fraction": -0.1}}, "pseudo_labels.min_kept_fraction", "must be in [0, 1]"),
     ({"ablations": {"label_fractions": [0.1, 0.0]}}, "ablations.label_fractions", "must be in (0, 1]"),
     ({"name": "a/b"}, "name", "plain folder name"),
     ({"student": {"preset": "cast-xxl"}}, "student.preset", "is not one of"),

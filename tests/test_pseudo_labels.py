@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
 from cast.config import PseudoLabelConfig
+from cast.evaluation.coco_eval import encode_mask
 from cast.pipeline import pseudo_labels as pl
 from cast.structures import InstanceSample, Instances
 from cast.training.distributed import DistContext
@@ -22,8 +24,16 @@ def _samples(n: int = 5, size: int = 32) -> list[InstanceSample]:
             for i in range(n)]
 
 
-def _result(image_id: int, score: float, area: int) -> dict:
-    return {"image_id": image_id, "category_id": 1, "score": score, "area": area}
+def _result(image_id: int, score: float, area: int, row: int = 0, category_id: int = 1) -> dict:
+    """A result whose mask is the first `area` pixels of one row of a 16x128 image."""
+    mask = np.zeros((16, 128), bool)
+    mask[row, :area] = True
+    return {"image_id": image_id, "category_id": category_id, "score": score, "area": area,
+            "segmentation": encode_mask(mask)}
+
+
+def _mask(result: dict) -> np.ndarray:
+    return mask_utils.decode({**result["segmentation"], "counts": result["segmentation"]["counts"].encode()}) > 0
 
 
 def _label(tmp_path, model, samples, cfg=PseudoLabelConfig(score_threshold=0.0, min_area=0)):
@@ -32,10 +42,34 @@ def _label(tmp_path, model, samples, cfg=PseudoLabelConfig(score_threshold=0.0, 
 
 
 def test_filter_by_score_area_and_count():
-    results = [_result(1, 0.9, 100), _result(1, 0.4, 100), _result(1, 0.8, 3), _result(1, 0.7, 50),
-               _result(1, 0.95, 60), _result(2, 0.6, 20)]
+    results = [_result(1, 0.9, 100, row=0), _result(1, 0.4, 100, row=1), _result(1, 0.8, 3, row=2),
+               _result(1, 0.7, 50, row=3), _result(1, 0.95, 60, row=4), _result(2, 0.6, 20)]
     kept = pl.filter_results(results, PseudoLabelConfig(score_threshold=0.5, min_area=10, max_instances=2))
     assert [(r["image_id"], r["score"]) for r in kept] == [(1, 0.95), (1, 0.9), (2, 0.6)]
+
+
+def test_overlaps_are_resolved_and_duplicates_dropped():
+    # 0.9: pixels 0-99; 0.8: the same object under another class; 0.7: pixels 60-127 (keeps 28 of 68,
+    # 41 %); 0.6: pixels 0-29 of another row, overlapping nothing; 0.5: pixels 20-39 of that row
+    # (keeps 10 of 20 = 50 %).
+    results = [_result(1, 0.9, 100), _result(1, 0.8, 100, category_id=2), _result(1, 0.7, 128),
+               _result(1, 0.6, 30, row=1), _result(1, 0.5, 40, row=1)]
+    results[2] = {**results[2], "segmentation": encode_mask(np.pad(_mask(results[2])[:, 60:], ((0, 0), (60, 0)))),
+                  "area": 68}
+    results[4] = {**results[4], "segmentation": encode_mask(np.pad(_mask(results[4])[:, 20:], ((0, 0), (20, 0)))),
+                  "area": 20}
+    cfg = PseudoLabelConfig(score_threshold=0.0, min_area=0, min_kept_fraction=0.4)
+    kept = pl.filter_results(results, cfg)
+    assert [r["score"] for r in kept] == [0.9, 0.7, 0.6, 0.5]  # the other-class duplicate is gone
+    masks = np.stack([_mask(r) for r in kept])
+    assert masks.sum(axis=0).max() == 1  # every pixel in at most one instance
+    assert [r["area"] for r in kept] == [int(m.sum()) for m in masks] == [100, 28, 30, 10]
+    assert kept[1]["bbox"] == [100.0, 0.0, 28.0, 1.0] and kept[3]["bbox"] == [30.0, 1.0, 10.0, 1.0]
+    assert kept[0] == results[0]  # an untouched instance keeps its stored mask
+    # a stricter fraction drops the 41 % remainder; 0 keeps every non-empty one; min_area sees kept areas
+    assert [r["score"] for r in pl.filter_results(results, PseudoLabelConfig(0.0, 0, 100, 0.45))] == [0.9, 0.6, 0.5]
+    assert [r["score"] for r in pl.filter_results(results, PseudoLabelConfig(0.0, 0, 100, 0.0))] == [0.9, 0.7, 0.6, 0.5]
+    assert [r["score"] for r in pl.filter_results(results, PseudoLabelConfig(0.0, 25, 100, 0.0))] == [0.9, 0.7, 0.6]
 
 
 def test_results_round_trip_to_samples():

@@ -1,8 +1,8 @@
 """Pseudo-labels: a teacher's predictions on the unlabeled images, stored as COCO results.
 
 `pseudo_labels/<stage>.json` is a COCO result list (one dict per instance: image_id,
-category_id, segmentation as compressed RLE, score, area, bbox) filtered by score and mask
-area. `<stage>.manifest.json`, written after it, records what produced it (teacher weights
+category_id, segmentation as compressed RLE, score, area, bbox) filtered by score, without
+overlaps (each pixel in at most one instance, as in ground truth) and filtered by mask area. `<stage>.manifest.json`, written after it, records what produced it (teacher weights
 hash, image ids, thresholds, code version): a later run reuses the labels only when all of
 these match. Inference is sharded over ranks and gathered, so every rank ends with the whole set.
 """
@@ -26,6 +26,7 @@ from cast.config import PseudoLabelConfig
 from cast.data.loader import InstanceTorchDataset, collate_instances
 from cast.data.views import EvalTransform
 from cast.evaluation import instances_to_coco
+from cast.evaluation.coco_eval import encode_mask
 from cast.structures import InstanceSample, Instances
 from cast.training.checkpoint import unwrap
 from cast.training.distributed import DistContext, all_gather_objects, barrier, shard
@@ -53,21 +54,49 @@ def instances_to_results(instances: Instances, image_id: int, category_ids: Sequ
     """COCO result dicts (compressed RLE) of one image's instances, with mask area and box."""
     results = instances_to_coco(instances, image_id, category_ids)
     for r in results:
-        rle = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode("ascii")}
+        rle = _rle(r)
         r["area"] = int(mask_utils.area(rle))
         r["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
     return results
 
 
+def _rle(result: dict[str, Any]) -> dict[str, Any]:
+    """A result's mask in the form pycocotools takes (counts as bytes)."""
+    return {"size": result["segmentation"]["size"], "counts": result["segmentation"]["counts"].encode("ascii")}
+
+
 def filter_results(results: list[dict[str, Any]], cfg: PseudoLabelConfig) -> list[dict[str, Any]]:
-    """Keep instances with score >= threshold and area >= min_area, the best max_instances per image."""
+    """Per image: instances with score >= threshold, overlaps resolved (`resolve_overlaps`), those
+    still >= min_area pixels, the best max_instances."""
     per_image: dict[int, list[dict]] = defaultdict(list)
     for r in results:
-        if r["score"] >= cfg.score_threshold and r["area"] >= cfg.min_area:
+        if r["score"] >= cfg.score_threshold:
             per_image[r["image_id"]].append(r)
     kept = []
     for image_id in sorted(per_image):
-        kept += sorted(per_image[image_id], key=lambda r: -r["score"])[: cfg.max_instances]
+        ranked = sorted(per_image[image_id], key=lambda r: -r["score"])
+        resolved = resolve_overlaps(ranked, cfg.min_kept_fraction)
+        kept += [r for r in resolved if r["area"] >= cfg.min_area][: cfg.max_instances]
+    return kept
+
+
+def resolve_overlaps(ranked: list[dict[str, Any]], min_kept_fraction: float) -> list[dict[str, Any]]:
+    """One image's results, best score first, as a valid instance segmentation like ground truth:
+    each keeps the pixels no better one took (mask, area and box updated); one left with less than
+    `min_kept_fraction` of its mask, or nothing, is dropped as a duplicate."""
+    kept, taken = [], None
+    for r in ranked:
+        mask = mask_utils.decode(_rle(r)).astype(bool)
+        taken = np.zeros_like(mask) if taken is None else taken
+        own = mask & ~taken
+        area = int(own.sum())
+        if area == 0 or area < min_kept_fraction * mask.sum():
+            continue
+        taken |= own
+        if area < mask.sum():
+            r = {**r, "segmentation": encode_mask(own), "area": area}
+            r["bbox"] = [float(v) for v in mask_utils.toBbox(_rle(r))]
+        kept.append(r)
     return kept
 
 
@@ -105,7 +134,7 @@ def make_manifest(teacher_hash: str, image_ids: Sequence[int], cfg: PseudoLabelC
     return {"format_version": FORMAT_VERSION, "code_version": cast.__version__, "teacher": teacher,
             "teacher_hash": teacher_hash, "image_ids": sorted(int(i) for i in image_ids), "test_size": test_size,
             "thresholds": {"score_threshold": cfg.score_threshold, "min_area": cfg.min_area,
-                           "max_instances": cfg.max_instances}}
+                           "max_instances": cfg.max_instances, "min_kept_fraction": cfg.min_kept_fraction}}
 
 
 RESULT_KEYS = ("image_id", "category_id", "segmentation", "score")
@@ -194,8 +223,7 @@ class PseudoLabeledImages(Sequence):
         s = self.images[index]
         rs = self.by_image.get(s.image_id, [])
         if rs:
-            masks = mask_utils.decode([{"size": r["segmentation"]["size"],
-                                        "counts": r["segmentation"]["counts"].encode("ascii")} for r in rs])
+            masks = mask_utils.decode([_rle(r) for r in rs])
             masks = masks.transpose(2, 0, 1).astype(bool)
         else:
             masks = np.zeros((0, s.height, s.width), bool)
