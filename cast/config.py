@@ -129,11 +129,11 @@ class PseudoLabelConfig:
     score_threshold: float = 0.5
     min_area: int = 16  # pixels, at the image's stored resolution
     max_instances: int = 100
-    # Overlaps are resolved as in ground truth (each pixel in at most one instance, better scores
-    # first); an instance left with less than this fraction of its mask is a duplicate of a better
-    # one (Mask2Former-style teachers emit the same object under several queries or classes) and
-    # is dropped. 0 keeps every non-empty remainder.
-    min_kept_fraction: float = 0.5
+    # When set, overlaps are resolved as in ground truth (each pixel in at most one instance, better
+    # scores first) and an instance left with less than this fraction of its mask is dropped as a
+    # duplicate of a better one (Mask2Former-style teachers name one object under several queries
+    # or classes); 0 keeps every non-empty remainder. None: the teacher's instances as they are.
+    min_kept_fraction: float | None = None
 
 
 @dataclass
@@ -394,7 +394,7 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
            f"must be in [0, 1], got {p.score_threshold}")
     _check(p.min_area >= 0, source, "pseudo_labels.min_area", f"must be >= 0, got {p.min_area}")
     _check(p.max_instances >= 1, source, "pseudo_labels.max_instances", f"must be >= 1, got {p.max_instances}")
-    _check(0 <= p.min_kept_fraction <= 1, source, "pseudo_labels.min_kept_fraction",
+    _check(p.min_kept_fraction is None or 0 <= p.min_kept_fraction <= 1, source, "pseudo_labels.min_kept_fraction",
            f"must be in [0, 1], got {p.min_kept_fraction}")
 
     a = cfg.ablations

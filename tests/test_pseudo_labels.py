@@ -70,6 +70,7 @@ def test_overlaps_are_resolved_and_duplicates_dropped():
     assert [r["score"] for r in pl.filter_results(results, PseudoLabelConfig(0.0, 0, 100, 0.45))] == [0.9, 0.6, 0.5]
     assert [r["score"] for r in pl.filter_results(results, PseudoLabelConfig(0.0, 0, 100, 0.0))] == [0.9, 0.7, 0.6, 0.5]
     assert [r["score"] for r in pl.filter_results(results, PseudoLabelConfig(0.0, 25, 100, 0.0))] == [0.9, 0.7, 0.6]
+    assert pl.filter_results(results, PseudoLabelConfig(0.0, 0, 100, None)) == results  # None: as predicted
 
 
 def test_results_round_trip_to_samples():

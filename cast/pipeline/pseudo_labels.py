@@ -1,8 +1,8 @@
 """Pseudo-labels: a teacher's predictions on the unlabeled images, stored as COCO results.
 
 `pseudo_labels/<stage>.json` is a COCO result list (one dict per instance: image_id,
-category_id, segmentation as compressed RLE, score, area, bbox) filtered by score, without
-overlaps (each pixel in at most one instance, as in ground truth) and filtered by mask area. `<stage>.manifest.json`, written after it, records what produced it (teacher weights
+category_id, segmentation as compressed RLE, score, area, bbox) filtered by score, optionally
+without overlaps (each pixel in at most one instance, as in ground truth), and by mask area. `<stage>.manifest.json`, written after it, records what produced it (teacher weights
 hash, image ids, thresholds, code version): a later run reuses the labels only when all of
 these match. Inference is sharded over ranks and gathered, so every rank ends with the whole set.
 """
@@ -66,8 +66,8 @@ def _rle(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def filter_results(results: list[dict[str, Any]], cfg: PseudoLabelConfig) -> list[dict[str, Any]]:
-    """Per image: instances with score >= threshold, overlaps resolved (`resolve_overlaps`), those
-    still >= min_area pixels, the best max_instances."""
+    """Per image: instances with score >= threshold, overlaps resolved when cfg.min_kept_fraction is
+    set (`resolve_overlaps`), those (still) >= min_area pixels, the best max_instances."""
     per_image: dict[int, list[dict]] = defaultdict(list)
     for r in results:
         if r["score"] >= cfg.score_threshold:
@@ -75,8 +75,9 @@ def filter_results(results: list[dict[str, Any]], cfg: PseudoLabelConfig) -> lis
     kept = []
     for image_id in sorted(per_image):
         ranked = sorted(per_image[image_id], key=lambda r: -r["score"])
-        resolved = resolve_overlaps(ranked, cfg.min_kept_fraction)
-        kept += [r for r in resolved if r["area"] >= cfg.min_area][: cfg.max_instances]
+        if cfg.min_kept_fraction is not None:
+            ranked = resolve_overlaps(ranked, cfg.min_kept_fraction)
+        kept += [r for r in ranked if r["area"] >= cfg.min_area][: cfg.max_instances]
     return kept
 
 
