@@ -4,7 +4,8 @@
 category_id, segmentation as compressed RLE, score, area, bbox) filtered by score, optionally
 without overlaps (each pixel in at most one instance, as in ground truth), and by mask area.
 `<stage>.manifest.json`, written after it, records what produced it (teacher weights hash,
-image ids, thresholds, code version): a later run reuses the labels only when all of these match. Inference is sharded over ranks and gathered, so every rank ends with the whole set.
+image ids, thresholds, code version): a later run reuses the labels only when all of these match.
+Inference is sharded over ranks and gathered, so every rank ends with the whole set.
 """
 from __future__ import annotations
 
