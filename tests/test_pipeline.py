@@ -99,7 +99,7 @@ def test_report_names_each_machine_its_stage_walls_were_measured_on(tmp_path):
     slow = {**fast, "cpu_capability": "AVX2"}
     rows = [{"name": "a", "model": "teacher_adaptation", "AP": 1.0, "AP50": 2.0, "params_m": 1.0, "gflops": 1.0,
              "latency_ms": 1.0, "wall_s": 10.0}]
-    report = {"rows": rows, "config": json.loads(json.dumps(tiny_config(tmp_path))) | {"name": "t"},
+    report = {"rows": rows, "config": tiny_config(tmp_path),
               "stage_machines": {"teacher_adaptation": describe_machine(fast), "knowledge_transfer":
                                  describe_machine(slow), "student_refinement": describe_machine(slow)},
               "total_wall_s": 3.0, "machine": slow}

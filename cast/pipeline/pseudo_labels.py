@@ -85,17 +85,18 @@ def filter_results(results: list[dict[str, Any]], cfg: PseudoLabelConfig) -> lis
 def resolve_overlaps(ranked: list[dict[str, Any]], min_kept_fraction: float) -> list[dict[str, Any]]:
     """One image's results, best score first, as a valid instance segmentation like ground truth:
     each keeps the pixels no better one took (mask, area and box updated); one left with less than
-    `min_kept_fraction` of its mask, or nothing, is dropped as a duplicate."""
+    `min_kept_fraction` of its mask, or nothing, is dropped as a duplicate and takes no pixels.
+    (`cast.teachers.vfm_ops.resolve_overlaps` is the tensor form without that drop, inside predict.)"""
     kept, taken = [], None
     for r in ranked:
         mask = mask_utils.decode(_rle(r)).astype(bool)
         taken = np.zeros_like(mask) if taken is None else taken
         own = mask & ~taken
-        area = int(own.sum())
-        if area == 0 or area < min_kept_fraction * mask.sum():
+        area, full = int(own.sum()), int(mask.sum())
+        if area == 0 or area < min_kept_fraction * full:
             continue
         taken |= own
-        if area < mask.sum():
+        if area < full:
             r = {**r, "segmentation": encode_mask(own), "area": area}
             r["bbox"] = [float(v) for v in mask_utils.toBbox(_rle(r))]
         kept.append(r)
