@@ -39,8 +39,8 @@ class DemoDataConfig:
 @dataclass
 class DataConfig:
     kind: str = "demo"
-    # demo: generated here when missing. coco: a folder with train/ val/ images and
-    # annotations/{train,val}.json. cityscapes / ade20k: the data set's own layout.
+    # demo: generated here when missing. coco: train/ and val/ folders, each with its
+    # annotations.json (file_name relative to that folder). cityscapes / ade20k: the data set's own layout.
     root: str = "data/demo"
     labeled_fraction: float = 0.1
     split_file: str | None = None  # an existing split.json to reuse instead of drawing one
