@@ -1,4 +1,16 @@
 """CAST: semi-supervised distillation of vision foundation models into compact
-instance-segmentation experts (Contrastive Adaptation and distillation, Taghavi et al.)."""
+instance-segmentation experts (Contrastive Adaptation and distillation, Taghavi et al.).
+
+    model = cast.load_model("runs/demo/stages/student_refinement/model")
+"""
 
 __version__ = "0.1.1"
+
+
+def __getattr__(name: str):
+    # The public API, imported on first use so that `import cast` (the CLI's config check) stays light.
+    if name == "load_model":
+        from cast.models.auto import load_model
+
+        return load_model
+    raise AttributeError(f"module 'cast' has no attribute {name!r}")

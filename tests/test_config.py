@@ -71,7 +71,7 @@ def test_overrides_and_round_trip(tmp_path):
     ({"ablations": {"label_fractions": [0.1, 0.0]}}, "ablations.label_fractions", "must be in (0, 1]"),
     ({"name": "a/b"}, "name", "plain folder name"),
     ({"student": {"preset": "cast-xxl"}}, "student.preset", "is not one of"),
-    ({"teacher": {"preset_overrides": {"num_querys": 5}}}, "teacher.preset_overrides", "unknown StudentConfig keys"),
+    ({"teacher": {"preset_overrides": {"num_querys": 5}}}, "teacher.preset_overrides", "unknown CastStudentConfig keys"),
     ({"student": {"preset_overrides": {"hidden_dim": 90, "num_heads": 4}}}, "student.preset_overrides",
      "not divisible by num_heads"),
     ({"student": {"preset_overrides": {"projection_stride": 4}}}, "student.preset_overrides", "set by the run"),

@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cast.losses.set_prediction import SetPredictionLoss
-from cast.models.config import StudentConfig
+from cast.models.config import CastStudentConfig
+from cast.models.decoder import mask2former_config
 
 NUM_CLASSES, QUERIES = 3, 6
 
@@ -15,8 +16,8 @@ NUM_CLASSES, QUERIES = 3, 6
 @pytest.fixture
 def loss_fn() -> SetPredictionLoss:
     # Uniform points only: importance sampling would concentrate them on (soft) mask edges.
-    return SetPredictionLoss(StudentConfig(num_classes=NUM_CLASSES, num_queries=QUERIES, train_num_points=2048,
-                                           importance_sample_ratio=0.0))
+    return SetPredictionLoss(mask2former_config(CastStudentConfig(
+        num_classes=NUM_CLASSES, num_queries=QUERIES, train_num_points=2048, importance_sample_ratio=0.0)))
 
 
 def make_targets(size: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -106,8 +107,8 @@ def test_deep_supervision_sums_every_layer(loss_fn):
 
 
 def test_weights_come_from_the_config():
-    config = StudentConfig(num_classes=NUM_CLASSES, num_queries=QUERIES, class_weight=0.0, dice_weight=1.0,
-                           train_num_points=512)
+    config = mask2former_config(CastStudentConfig(num_classes=NUM_CLASSES, num_queries=QUERIES, class_weight=0.0,
+                                                  dice_weight=1.0, train_num_points=512))
     targets = make_targets()
     _, terms = SetPredictionLoss(config)(torch.randn(2, QUERIES, 4), torch.randn(2, QUERIES, 8, 8), targets)
     assert float(terms["loss_ce"]) == 0.0 and float(terms["loss_dice"]) > 0

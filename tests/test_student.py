@@ -14,10 +14,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from transformers import Dinov2Backbone, Dinov2Config
 
-from cast.models.config import PRESETS, StudentConfig, preset_config
+from cast.models.config import PRESETS, CastStudentConfig, preset_config
 from cast.models.student import CastStudent, build_student
 from cast.structures import Instances
-from cast.teachers.base import SegmentationModel
+from cast.models.protocol import SegmentationModel
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,8 +227,12 @@ def test_from_pretrained_errors_name_the_file(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"config\.json.*hidden_dimm"):
         CastStudent.from_pretrained(folder)
     tiny.save_pretrained(folder)
-    build_student("cast-tiny", num_classes=5).config.save(folder / "config.json")  # weights no longer fit
+    build_student("cast-tiny", num_classes=5).save_pretrained(tmp_path / "other")
+    (folder / "config.json").write_bytes((tmp_path / "other" / "config.json").read_bytes())  # weights no longer fit
     with pytest.raises(ValueError, match=r"model\.safetensors"):
+        CastStudent.from_pretrained(folder)
+    (folder / "config.json").write_text('{"model_type": "cast_vfm_teacher", "num_classes": 2}')
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'cast_vfm_teacher' is not a CAST student"):
         CastStudent.from_pretrained(folder)
 
 
@@ -238,12 +242,12 @@ def test_config_validation():
     with pytest.raises(ValueError, match="needs neck 'fpn'"):
         preset_config("cast-r50", 3, neck_type="dpt")
     with pytest.raises(ValueError, match="class_names"):
-        StudentConfig(num_classes=2, class_names=["one"])
+        CastStudentConfig(num_classes=2, class_names=["one"])
     config = preset_config("cast-tiny", 2, ["x", "y"], num_queries=7, encoder_config={"num_hidden_layers": 2})
     assert config.num_queries == 7 and config.encoder_config["hidden_size"] == 48
     assert config.encoder_config["num_hidden_layers"] == 2
     assert PRESETS["cast-tiny"]["num_queries"] == 16  # presets are not mutated
-    assert StudentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert CastStudentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_parameter_groups(tiny):

@@ -52,7 +52,7 @@ def folders(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 def load_teacher(folders, kind: str, **settings) -> GroundingDinoSamTeacher:
     gdino_dir, sam_dir = folders[kind]
-    return GroundingDinoSamTeacher.from_pretrained(gdino_dir, sam_dir, classes=CLASSES, sam_kind=kind, **settings)
+    return GroundingDinoSamTeacher.from_hub_folders(gdino_dir, sam_dir, classes=CLASSES, sam_kind=kind, **settings)
 
 
 def batch(seed: int = 0):
@@ -162,7 +162,7 @@ def test_one_adaptation_step_trains_only_the_trainable_parts(folders, tmp_path):
         assert any(name.startswith(prefix) for name in changed), prefix
 
     # The stage's model folder loads offline and predicts exactly like the trained teacher.
-    reloaded = GroundingDinoSamTeacher.load(stage_dir / "model").eval()
+    reloaded = GroundingDinoSamTeacher.from_pretrained(stage_dir / "model").eval()
     pixel_values, pixel_mask, image_sizes, orig_sizes = batch(1)
     # The strong view's embeddings come from the backbone alone, equal to the full forward's.
     torch.testing.assert_close(reloaded.pixel_embeddings(pixel_values, pixel_mask),
@@ -189,7 +189,7 @@ def test_save_load_round_trip_and_clear_errors(folders, tmp_path):
     teacher = load_teacher(folders, "sam", box_threshold=0.2, max_instances=5)
     teacher.save_pretrained(tmp_path / "teacher")
     assert {p.name for p in (tmp_path / "teacher").iterdir()} == {"config.json", "model.safetensors", "tokenizer"}
-    reloaded = GroundingDinoSamTeacher.load(tmp_path / "teacher")
+    reloaded = GroundingDinoSamTeacher.from_pretrained(tmp_path / "teacher")
     assert reloaded.settings == teacher.settings and isinstance(reloaded.sam, SamModel)
     pixel_values, pixel_mask, image_sizes, orig_sizes = batch(2)
     for a, b in zip(teacher.predict(pixel_values, pixel_mask, image_sizes, orig_sizes),
@@ -198,17 +198,17 @@ def test_save_load_round_trip_and_clear_errors(folders, tmp_path):
 
     gdino_dir, sam_dir = folders["sam"]
     with pytest.raises(FileNotFoundError, match="missing"):
-        GroundingDinoSamTeacher.load(tmp_path / "missing")
+        GroundingDinoSamTeacher.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match=f"{sam_dir}/config.json: model_type is 'sam'"):
-        GroundingDinoSamTeacher.from_pretrained(gdino_dir, sam_dir, classes=CLASSES, sam_kind="sam2")
+        GroundingDinoSamTeacher.from_hub_folders(gdino_dir, sam_dir, classes=CLASSES, sam_kind="sam2")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        GroundingDinoSamTeacher.from_pretrained(tmp_path / "nowhere", sam_dir, classes=CLASSES, sam_kind="sam")
+        GroundingDinoSamTeacher.from_hub_folders(tmp_path / "nowhere", sam_dir, classes=CLASSES, sam_kind="sam")
     bare = tmp_path / "bare-gdino"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         (bare / name).symlink_to(gdino_dir / name)
     with pytest.raises(FileNotFoundError, match=f"{bare}: no BERT tokenizer"):
-        GroundingDinoSamTeacher.from_pretrained(bare, sam_dir, classes=CLASSES, sam_kind="sam")
+        GroundingDinoSamTeacher.from_hub_folders(bare, sam_dir, classes=CLASSES, sam_kind="sam")
     with pytest.raises(ValueError, match="projection_stride=4"):
         load_teacher(folders, "sam", projection_stride=4)
     # A vocabulary with its own ids for [CLS] / [SEP] / "." would silently break the phrase mapping.

@@ -11,10 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
-
-from cast.models.config import StudentConfig
-from cast.models.decoder import mask2former_config
 
 
 class _Mask2FormerLoss(Mask2FormerLoss):
@@ -32,15 +30,18 @@ class _Mask2FormerLoss(Mask2FormerLoss):
 class SetPredictionLoss(nn.Module):
     """L_sup / L_semi of CAST: weighted class CE + mask BCE + dice, summed over all decoder layers.
 
+    `config`: the transformers Mask2FormerConfig that sets the classes, the term weights and the
+    point sampling (a student's is `cast.models.decoder.mask2former_config(student_config)`).
+
     Targets: a list of B dicts {"masks": (K, H, W) float 0/1, "labels": (K,) int64}; K may be 0 and
     (H, W) need not match the logits (points are sampled in normalised coordinates, so targets
     only have to cover the same image extent as the logits).
     """
 
-    def __init__(self, config: StudentConfig) -> None:
+    def __init__(self, config: Mask2FormerConfig) -> None:
         super().__init__()
-        self.num_classes = config.num_classes
-        self.criterion = _Mask2FormerLoss(mask2former_config(config), weight_dict={})
+        self.num_classes = config.num_labels
+        self.criterion = _Mask2FormerLoss(config, weight_dict={})
         self.weights = {"loss_ce": config.class_weight, "loss_mask": config.mask_weight,
                         "loss_dice": config.dice_weight}
 

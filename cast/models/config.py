@@ -1,13 +1,10 @@
-"""`StudentConfig`: everything needed to rebuild a CAST student, stored as config.json."""
+"""`CastStudentConfig`: everything needed to rebuild a CAST student (its config.json) and the presets."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from cast.utils.io import atomic_write_json, read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,7 +17,7 @@ FEATURE_STRIDES = (4, 8, 16, 32)
 
 
 @dataclass
-class StudentConfig:
+class CastStudentConfig:
     """Architecture, loss and inference settings of a `CastStudent`.
 
     `encoder_config` holds the keyword arguments of the transformers config of the encoder
@@ -71,7 +68,7 @@ class StudentConfig:
         """Channels of the neck's output maps."""
         return self.neck_dim or self.hidden_dim
 
-    def validate(self, source: str = "StudentConfig") -> None:
+    def validate(self, source: str = "CastStudentConfig") -> None:
         """Raise ValueError (prefixed with `source`, e.g. a file name) on inconsistent settings."""
         problems = []
         if self.num_classes < 1:
@@ -108,29 +105,21 @@ class StudentConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "StudentConfig") -> "StudentConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "CastStudentConfig") -> "CastStudentConfig":
         """Build from a dict, naming `source` (e.g. the json file) when keys are unknown or missing."""
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a json object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown StudentConfig keys {unknown}")
+            raise ValueError(f"{source}: unknown CastStudentConfig keys {unknown}")
         if "num_classes" not in data:
             raise ValueError(f"{source}: missing required key 'num_classes'")
         try:
             return cls(**data)
         except (TypeError, ValueError) as e:
-            message = str(e).removeprefix("StudentConfig: ")
+            message = str(e).removeprefix("CastStudentConfig: ")
             raise ValueError(f"{source}: {message}") from None
-
-    def save(self, path: str | Path) -> None:
-        """Write the config as json, atomically."""
-        atomic_write_json(path, self.to_dict(), indent=2)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "StudentConfig":
-        return cls.from_dict(read_json(path), source=str(path))
 
 
 def _dinov2(hidden: int, layers: int, heads: int, mlp_ratio: int = 4, image_size: int = 224) -> dict[str, Any]:
@@ -175,12 +164,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_config(preset: str, num_classes: int, class_names: list[str] | None = None,
-                  **overrides: Any) -> StudentConfig:
-    """The `StudentConfig` of a preset; `overrides` replace fields (`encoder_config` is merged)."""
+                  **overrides: Any) -> CastStudentConfig:
+    """The `CastStudentConfig` of a preset; `overrides` replace fields (`encoder_config` is merged)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown student preset {preset!r}; expected one of {sorted(PRESETS)}")
     data: dict[str, Any] = {**copy.deepcopy(PRESETS[preset]), "preset": preset, "num_classes": num_classes,
                             "class_names": list(class_names) if class_names is not None else []}
     data["encoder_config"] = {**data.get("encoder_config", {}), **overrides.pop("encoder_config", {})}
     data.update(overrides)
-    return StudentConfig.from_dict(data, source=f"preset {preset!r}")
+    return CastStudentConfig.from_dict(data, source=f"preset {preset!r}")

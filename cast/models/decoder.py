@@ -8,10 +8,10 @@ from transformers import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (Mask2FormerMaskedAttentionDecoderLayer,
                                                                   Mask2FormerTransformerModule)
 
-from cast.models.config import StudentConfig
+from cast.models.config import CastStudentConfig
 
 
-def mask2former_config(config: StudentConfig) -> Mask2FormerConfig:
+def mask2former_config(config: CastStudentConfig) -> Mask2FormerConfig:
     """The transformers config that drives the decoder and the loss.
 
     transformers' `decoder_layers` counts predictions (one before the first layer, one after each
@@ -34,7 +34,7 @@ class MaskedAttentionDecoder(nn.Module):
     foreground of the previous layer's mask prediction; masks are dot products of query embeddings
     with the stride-4 mask features."""
 
-    def __init__(self, config: StudentConfig) -> None:
+    def __init__(self, config: CastStudentConfig) -> None:
         super().__init__()
         # Neck maps (pixel_dim wide) are projected to hidden_dim by the module when widths differ.
         self.mask_features = nn.Conv2d(config.pixel_dim, config.hidden_dim, kernel_size=1)

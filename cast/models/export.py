@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from cast.models.config import StudentConfig
+from cast.models.config import CastStudentConfig
 from cast.models.postprocess import instance_inference
 from cast.models.student import CastStudent
 from cast.structures import Instances
@@ -75,7 +75,7 @@ def export_onnx(model: CastStudent, path: str | Path, image_size: tuple[int, int
 
 class OnnxStudent:
     """A student exported by `export_onnx`, run with onnxruntime; `predict` follows
-    `cast.teachers.base.SegmentationModel.predict` (inputs must have the exported size).
+    `cast.models.protocol.SegmentationModel.predict` (inputs must have the exported size).
     `session_options` (e.g. a thread count) go to onnxruntime as they are."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None,
@@ -91,7 +91,7 @@ class OnnxStudent:
         metadata = self.session.get_modelmeta().custom_metadata_map
         if CONFIG_KEY not in metadata or IMAGE_SIZE_KEY not in metadata:
             raise ValueError(f"{self.path}: no CAST student metadata; export it with cast.models.export.export_onnx")
-        self.config = StudentConfig.from_dict(json.loads(metadata[CONFIG_KEY]), source=str(self.path))
+        self.config = CastStudentConfig.from_dict(json.loads(metadata[CONFIG_KEY]), source=str(self.path))
         self.image_size = tuple(json.loads(metadata[IMAGE_SIZE_KEY]))
 
     @property

@@ -13,15 +13,15 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from cast.losses.set_prediction import SetPredictionLoss
-from cast.models.config import FEATURE_STRIDES, StudentConfig, preset_config
-from cast.models.decoder import MaskedAttentionDecoder
+from cast.models.config import FEATURE_STRIDES, CastStudentConfig, preset_config
+from cast.models.decoder import MaskedAttentionDecoder, mask2former_config
 from cast.models.encoders import build_encoder, pretrained_encoder_config
 from cast.models.necks import DPTNeck, FPNNeck
 from cast.models.outputs import SegmentationOutput
 from cast.models.param_groups import adamw_parameter_groups
 from cast.models.postprocess import instance_inference
 from cast.structures import Instances
-from cast.utils.io import atomic_save
+from cast.utils.io import atomic_save, atomic_write_json, read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,10 +37,12 @@ class CastStudent(nn.Module):
 
     `forward` takes images in [0, 1] of any size and returns a `SegmentationOutput` whose mask
     logits cover the input at stride 4 (ceil(H/4) x ceil(W/4)); it follows
-    `cast.teachers.base.SegmentationModel`.
+    `cast.models.protocol.SegmentationModel`.
     """
 
-    def __init__(self, config: StudentConfig) -> None:
+    model_type = "cast_student"
+
+    def __init__(self, config: CastStudentConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = build_encoder(config.encoder_type, config.encoder_config)
@@ -51,7 +53,7 @@ class CastStudent(nn.Module):
         self.decoder = MaskedAttentionDecoder(config)
         self.projection_head = nn.Sequential(nn.Conv2d(config.pixel_dim, config.pixel_dim, kernel_size=1), nn.ReLU(),
                                              nn.Conv2d(config.pixel_dim, config.projection_dim, kernel_size=1))
-        self.criterion = SetPredictionLoss(config)
+        self.criterion = SetPredictionLoss(mask2former_config(config))
         self.register_buffer("pixel_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
 
@@ -126,7 +128,7 @@ class CastStudent(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save(directory / WEIGHTS_NAME, lambda tmp: save_model(self, str(tmp)))
-        self.config.save(directory / CONFIG_NAME)
+        atomic_write_json(directory / CONFIG_NAME, {"model_type": self.model_type, **self.config.to_dict()}, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CastStudent":
@@ -134,7 +136,12 @@ class CastStudent(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory}: student folder not found")
-        model = cls(StudentConfig.load(directory / CONFIG_NAME))
+        config_path = directory / CONFIG_NAME
+        values = read_json(config_path)
+        found = values.pop("model_type", cls.model_type) if isinstance(values, dict) else None
+        if found != cls.model_type:
+            raise ValueError(f"{config_path}: model_type {found!r} is not a CAST student ({cls.model_type!r})")
+        model = cls(CastStudentConfig.from_dict(values, source=str(config_path)))
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: file not found")

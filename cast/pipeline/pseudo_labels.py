@@ -29,21 +29,11 @@ from cast.data.views import EvalTransform
 from cast.evaluation import instances_to_coco
 from cast.evaluation.coco_eval import encode_mask
 from cast.structures import InstanceSample, Instances
-from cast.training.checkpoint import unwrap
+from cast.models.protocol import unwrap, weights_hash
 from cast.training.distributed import DistContext, all_gather_objects, barrier, shard
 from cast.utils.io import atomic_write_json, read_json
 
 FORMAT_VERSION = 1
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes) of the model."""
-    h = hashlib.sha256()
-    for name, t in sorted(unwrap(model).state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def json_digest(value: Any) -> str:

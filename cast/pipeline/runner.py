@@ -27,7 +27,8 @@ from cast.pipeline.report import make_report, make_row, write_report
 from cast.pipeline.stages import (objective, read_summary, stage_complete, stage_seed, stage_settings,
                                   train_stage)
 from cast.runs import STAGES, RunFolder
-from cast.training.checkpoint import seed_all, unwrap
+from cast.models.protocol import unwrap
+from cast.training.checkpoint import seed_all
 from cast.training.distributed import DistContext, barrier, broadcast_object
 from cast.training.plots import plot_report
 from cast.utils.folder_lock import exclusive_folder
@@ -140,7 +141,7 @@ class TeacherSource:
         from cast.teachers.vfm import GroundingDinoSamTeacher
 
         t = self.cfg.teacher
-        return GroundingDinoSamTeacher.from_pretrained(
+        return GroundingDinoSamTeacher.from_hub_folders(
             t.grounding_dino_dir, t.sam_dir, classes=self.data.classes, box_threshold=t.box_threshold,
             text_threshold=t.text_threshold, mask_threshold=t.mask_threshold, max_instances=t.max_instances,
             sam_kind="sam2" if t.kind == "gdino-sam2" else "sam",
@@ -152,7 +153,7 @@ class TeacherSource:
             return CastStudent.from_pretrained(model_dir)
         from cast.teachers.vfm import GroundingDinoSamTeacher
 
-        return GroundingDinoSamTeacher.load(model_dir)
+        return GroundingDinoSamTeacher.from_pretrained(model_dir)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -1,5 +1,5 @@
 """The CAST teacher: Grounding-DINO (text-prompted boxes) + SAM 2 or SAM (box-prompted masks),
-behind the project's model interface (cast.teachers.base.SegmentationModel), so the one trainer
+behind the project's model interface (cast.models.protocol.SegmentationModel), so the one trainer
 adapts it and the pseudo-labeler runs it unchanged.
 
 Zero-shot (`predict`): one prompt for the batch, the class names joined by " . "; a query's
@@ -59,7 +59,6 @@ from cast.teachers.vfm_ops import (boxes_to_cxcywh, build_prompt, class_log_prob
                                    sam_resized_size, select_detections, valid_sizes)
 from cast.utils.io import atomic_save, atomic_write_json, read_json
 
-FORMAT = "cast-vfm-teacher"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -113,9 +112,11 @@ class GroundingDinoSamTeacher(nn.Module):
     """Grounding-DINO + SAM 2 / SAM as one segmentation model (see the module docstring).
 
     Images arrive in [0, 1] (B, 3, H, W), padded bottom/right; `pixel_mask` marks real pixels.
-    Build it with `from_pretrained` (transformers folders), `load` (a folder written by
+    Build it with `from_hub_folders` (transformers folders), `from_pretrained` (a folder written by
     `save_pretrained`) or `random_teacher` (random weights, for tests and cost benchmarks).
     """
+
+    model_type = "cast_vfm_teacher"
 
     def __init__(self, settings: TeacherSettings, detector: GroundingDinoForObjectDetection,
                  sam: Sam2Model | SamModel, tokenizer: BertTokenizer) -> None:
@@ -252,11 +253,12 @@ class GroundingDinoSamTeacher(nn.Module):
         atomic_save(directory / WEIGHTS_NAME, lambda tmp: save_model(self, str(tmp)))
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         atomic_write_json(directory / CONFIG_NAME, {
-            "format": FORMAT, "settings": asdict(self.settings),
+            "model_type": self.model_type, "settings": asdict(self.settings),
             "grounding_dino": self.detector.config.to_dict(), "sam": self.sam.config.to_dict()}, indent=1)
 
     @classmethod
-    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "GroundingDinoSamTeacher":
+    def from_pretrained(cls, directory: str | Path,
+                        map_location: str | torch.device = "cpu") -> "GroundingDinoSamTeacher":
         """A teacher written by `save_pretrained`."""
         directory = Path(directory)
         if not directory.is_dir():
@@ -265,9 +267,9 @@ class GroundingDinoSamTeacher(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: file not found")
         config = read_json(config_path)
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: not a {FORMAT} configuration (written by GroundingDinoSamTeacher."
-                             "save_pretrained)")
+        if not isinstance(config, dict) or config.get("model_type") != cls.model_type:
+            raise ValueError(f"{config_path}: not a {cls.model_type} configuration (written by "
+                             "GroundingDinoSamTeacher.save_pretrained)")
         weights, tokenizer_dir = directory / WEIGHTS_NAME, directory / TOKENIZER_DIR
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: file not found")
@@ -290,8 +292,8 @@ class GroundingDinoSamTeacher(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, grounding_dino_dir: str | Path, sam_dir: str | Path, classes: list[str],
-                        sam_kind: str = "sam2", **settings: Any) -> "GroundingDinoSamTeacher":
+    def from_hub_folders(cls, grounding_dino_dir: str | Path, sam_dir: str | Path, classes: list[str],
+                         sam_kind: str = "sam2", **settings: Any) -> "GroundingDinoSamTeacher":
         """theta_T^0 from transformers folders in the hub layout: Grounding-DINO with its BERT
         tokenizer in `grounding_dino_dir` (e.g. IDEA-Research/grounding-dino-base), SAM 2
         (facebook/sam2.1-hiera-large) or SAM (facebook/sam-vit-huge) in `sam_dir`.

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from cast.models.protocol import unwrap
 from cast.utils.io import atomic_save, atomic_write_json, read_json
 
 POINTER = "latest.json"
@@ -80,11 +81,6 @@ class Checkpoint:
     model_path: Path
     state: dict[str, Any]
     state_path: Path | None = None
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def seed_all(seed: int) -> None:

@@ -2,7 +2,7 @@
 
 It minimises the unified objective
     J = L_sup(D_l) + lambda_semi * L_semi(D_u) + lambda_pxl * L_pxl(D_l u D_u)
-for any (lambda_semi, lambda_pxl) and any model following cast.teachers.base.SegmentationModel:
+for any (lambda_semi, lambda_pxl) and any model following cast.models.protocol.SegmentationModel:
 stage 1a is (0, lambda_pxl) on labeled data, 1b (1, lambda_pxl) with pseudo-labels, 2
 (lambda_semi, lambda_pxl) on the student, 3 (0, 0).
 
