@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from cast.teachers.hub import FOUNDATION_TEACHERS
+
 DATA_KINDS = ("demo", "coco", "cityscapes", "ade20k")
-TEACHER_KINDS = ("standin", "gdino-sam2", "gdino-sam")
+TEACHER_KINDS = ("standin", *FOUNDATION_TEACHERS)
 AMP_MODES = ("none", "bf16", "fp16")
 SAMPLERS = ("uniform", "mask", "class", "fusion")
 ABLATION_STUDIES = ("losses", "stages", "samplers", "label_fraction")
@@ -414,10 +416,7 @@ def _validate_paths(cfg: CastConfig, source: str) -> None:
     if d.split_file is not None:
         _check(Path(d.split_file).is_file(), source, "data.split_file", f"file {d.split_file} does not exist")
     t = cfg.teacher
-    if t.kind != "standin":
-        _check(t.grounding_dino_dir is not None, source, "teacher.grounding_dino_dir",
-               f"required for teacher.kind={t.kind}")
-        _check(t.sam_dir is not None, source, "teacher.sam_dir", f"required for teacher.kind={t.kind}")
-        _check_dir(t.grounding_dino_dir, source, "teacher.grounding_dino_dir")
-        _check_dir(t.sam_dir, source, "teacher.sam_dir")
+    for key in FOUNDATION_TEACHERS.get(t.kind, ()):
+        _check(getattr(t, key) is not None, source, f"teacher.{key}", f"required for teacher.kind={t.kind}")
+        _check_dir(getattr(t, key), source, f"teacher.{key}")
     _check_dir(cfg.student.pretrained_encoder_dir, source, "student.pretrained_encoder_dir")

@@ -138,14 +138,9 @@ class TeacherSource:
     def zero_shot(self) -> torch.nn.Module:
         if self.cfg.teacher.kind == "standin":
             return CastStudent.from_pretrained(self.standin_dir)
-        from cast.teachers.vfm import GroundingDinoSamTeacher
+        from cast.teachers.hub import zero_shot_teacher
 
-        t = self.cfg.teacher
-        return GroundingDinoSamTeacher.from_hub_folders(
-            t.grounding_dino_dir, t.sam_dir, classes=self.data.classes, box_threshold=t.box_threshold,
-            text_threshold=t.text_threshold, mask_threshold=t.mask_threshold, max_instances=t.max_instances,
-            sam_kind="sam2" if t.kind == "gdino-sam2" else "sam",
-            projection_stride=self.cfg.losses.embedding_stride)
+        return zero_shot_teacher(self.cfg.teacher, self.data.classes, self.cfg.losses.embedding_stride)
 
     def load(self, model_dir: Path) -> torch.nn.Module:
         """An adapted teacher saved by a stage."""

@@ -1,0 +1,27 @@
+"""theta_T^0 of a foundation-model teacher, built from local folders in the hub layout as the
+config's `teacher` section names them (the demo's stand-in teacher is pretrained by the pipeline
+instead). This module stays light: a teacher's classes are imported only when it is built."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# teacher.kind values served here, and the config keys of the folders each one reads.
+FOUNDATION_TEACHERS = {"gdino-sam2": ("grounding_dino_dir", "sam_dir"), "gdino-sam": ("grounding_dino_dir", "sam_dir")}
+
+
+def zero_shot_teacher(teacher: Any, classes: Sequence[str], projection_stride: int) -> torch.nn.Module:
+    """The pretrained teacher of `teacher.kind` (a cast.config.TeacherConfig), prompted with
+    `classes`; its contrastive projection head reads features at `projection_stride`."""
+    if teacher.kind not in FOUNDATION_TEACHERS:
+        raise ValueError(f"teacher.kind={teacher.kind!r} is not a foundation-model teacher "
+                         f"({', '.join(FOUNDATION_TEACHERS)})")
+    from cast.teachers.vfm import GroundingDinoSamTeacher
+
+    return GroundingDinoSamTeacher.from_hub_folders(
+        teacher.grounding_dino_dir, teacher.sam_dir, classes=list(classes), box_threshold=teacher.box_threshold,
+        text_threshold=teacher.text_threshold, mask_threshold=teacher.mask_threshold,
+        max_instances=teacher.max_instances, sam_kind="sam2" if teacher.kind == "gdino-sam2" else "sam",
+        projection_stride=projection_stride)
