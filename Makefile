@@ -38,8 +38,12 @@ demo: $(STAMP)
 	done
 	cat $(DEMO_RUN)/report.md
 
+# The notebooks run on configs/smoke.yaml in a fresh folder, so every `make test` trains them anew.
 test: $(STAMP) browser
-	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml $(PY) -m pytest tests --nbmake notebooks
+	scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+	CAST_NOTEBOOK_CONFIG=configs/smoke.yaml \
+	CAST_NOTEBOOK_SET="output_dir=$$scratch/runs data.root=$$scratch/smoke teacher.pretrain.cache_dir=$$scratch/cache" \
+	$(PY) -m pytest tests --nbmake notebooks
 
 # The app's browser test drives Debian's headless Chromium (the pip playwright browser cannot
 # be downloaded here); install it when missing and we are allowed to.
@@ -48,8 +52,12 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium is missing and could not be installed: the browser test will fail"
 
+# JupyterLab on 127.0.0.1 with its login token (printed in its log); root, as in most containers,
+# must say so to Jupyter.
+LAB_PORT ?= 8888
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --notebook-dir .
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --no-browser --notebook-dir . \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 app: $(STAMP)
 	$(PY) apps/inspect.py --run runs/demo

@@ -25,7 +25,7 @@ from typing import Any  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from cast.inspection import GROUND_TRUTH, MAX_UPLOAD_BYTES, RunInspector, UnsafePathError  # noqa: E402
-from cast.losses.contrastive import STRATEGIES  # noqa: E402
+from cast.losses import SAMPLERS  # noqa: E402
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -95,7 +95,7 @@ def build_app(inspector: RunInspector) -> gr.Blocks:
                                 interactive=False, height=384)
         with gr.Row():
             model = gr.Dropdown(models, value=models[0] if models else None, label="Model")
-            strategy = gr.Radio(list(STRATEGIES), value=data.config.losses.sampler, label="Negative sampler")
+            strategy = gr.Radio(list(SAMPLERS), value=data.config.losses.sampler, label="Negative sampler")
             num_negatives = gr.Slider(1, 256, value=data.config.losses.num_negatives, step=1,
                                       label="R (negatives)")
             x = gr.Number(label="x (image pixels)", precision=0)

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PeakMemory, add_common_arguments, autocast, machine_info, measure_devices,  # noqa: E402
                     precision, setup, summary_row, time_calls, time_stats)
-from cast.losses.contrastive import pixel_contrastive_loss, pixel_probabilities, sample_negatives  # noqa: E402
+from cast.losses.contrastive import pixel_contrastive_loss  # noqa: E402
+from cast.losses.sampling import pixel_probabilities, sample_negatives  # noqa: E402
 
 NAME = "contrastive"
 CHECK_ANCHORS = 256

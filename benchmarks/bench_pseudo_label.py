@@ -52,7 +52,7 @@ from cast.data.demo import DEMO_CLASSES, render_scene  # noqa: E402
 from cast.data.folder import read_image_folder  # noqa: E402
 from cast.models.student import build_student  # noqa: E402
 from cast.pipeline.pseudo_labels import pseudo_label  # noqa: E402
-from cast.training.distributed import DistContext, barrier, cleanup  # noqa: E402
+from cast.utils.distributed import DistContext, barrier, cleanup  # noqa: E402
 
 NAME = "pseudo_label"
 TEACHERS = ("demo-teacher", "vfm-paper", "vfm-tiny")
@@ -117,7 +117,7 @@ def worker(args: argparse.Namespace) -> None:
             Path(args.result).write_text(json.dumps({
                 "seconds": seconds, "images": len(images), "world_size": world_size,
                 "threads_per_process": torch.get_num_threads(), "device": str(device),
-                "teacher_hash": manifest["teacher_hash"], "results": results}))
+                "teacher_hash": manifest["settings"]["teacher_hash"], "results": results}))
     finally:
         cleanup()
 

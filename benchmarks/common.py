@@ -29,8 +29,7 @@ if str(ROOT) not in sys.path:  # the scripts run as files, not as an installed p
 
 from cast.efficiency import CpuPeakMemory  # noqa: E402
 from cast.utils.io import atomic_write_json, read_json  # noqa: E402
-from cast.utils.machine import machine_info as _machine_info  # noqa: E402
-from cast.utils.machine import package_version, usable_cpus  # noqa: E402
+from cast.utils.machine import machine_info as _machine_info, package_version, usable_cpus  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}

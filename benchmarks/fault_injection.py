@@ -162,7 +162,7 @@ def checkpoint_step(root: Path, stage: str) -> tuple[int | None, int | None]:
 def stage_complete(root: Path, stage: str) -> bool:
     folder = stage_dir(root, stage)
     summary = _read_json(folder / "summary.json") if folder is not None else None
-    return bool(isinstance(summary, dict) and summary.get("complete")) and (folder / "model" / "config.json").is_file()
+    return isinstance(summary, dict) and "settings" in summary and (folder / "model" / "config.json").is_file()
 
 
 def landed(root: Path, steps: int) -> str:
@@ -212,7 +212,7 @@ def published_problems(root: Path) -> list[str]:
     for manifest_path in sorted((run / "pseudo_labels").glob("*.manifest.json")):
         labels = manifest_path.with_name(manifest_path.name.replace(".manifest.json", ".json"))
         manifest = _read_json(manifest_path)
-        expected = {k: v for k, v in manifest.items() if k != "num_instances"} if isinstance(manifest, dict) else {}
+        expected = manifest.get("settings", {}) if isinstance(manifest, dict) else {}
         if load_if_current(labels, manifest_path, expected) is None:
             problems.append(f"{labels}: its manifest vouches for it, but it is not whole")
     for meta in sorted((run / "predictions").glob("*.meta.json")):
@@ -270,7 +270,7 @@ def fingerprint(root: Path) -> dict[str, Any]:
         out["metrics"][stage] = [{k: v for k, v in r.items() if k != "sec_per_step"} for r in records]
     for model in EVALUATED:
         meta = _read_json(run / "predictions" / f"{model}_val.meta.json") or {}
-        out["evaluated_weights"][model] = meta.get("weights_hash")
+        out["evaluated_weights"][model] = meta.get("settings", {}).get("weights_hash")
         out["predictions"][model] = _json_hash(run / "predictions" / f"{model}_val.json")
     for stage in PSEUDO_LABELLERS:
         out["pseudo_labels"][stage] = _json_hash(run / "pseudo_labels" / f"{stage}.json")

@@ -65,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Heavy imports only once the config is known to be valid.
     from cast.data.errors import DataError
-    from cast.training.checkpoint import SettingsChangedError
-    from cast.training.distributed import cleanup, init_distributed
+    from cast.utils.cache import SettingsChangedError
+    from cast.utils.distributed import cleanup, init_distributed
     from cast.training.trainer import NonFiniteLossError
 
     ctx = init_distributed(cfg.device)
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ctx.is_main:
                 print(table["markdown"])
         else:
-            from cast.pipeline.runner import pretrain_teacher
+            from cast.pipeline.teachers import pretrain_teacher
 
             path = pretrain_teacher(cfg, ctx)
             if ctx.is_main:

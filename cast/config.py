@@ -6,25 +6,20 @@ typo or an impossible value is caught in the first second of a run, not an hour 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cast.teachers.hub import FOUNDATION_TEACHERS
+from cast.data.registry import DATA_KINDS
+from cast.losses import SAMPLERS
+from cast.teachers.hub import FOUNDATION_TEACHERS, ZeroShotSettings
+from cast.utils.typed import ConfigError, build_dataclass
 
-DATA_KINDS = ("demo", "coco", "cityscapes", "ade20k")
 TEACHER_KINDS = ("standin", *FOUNDATION_TEACHERS)
 AMP_MODES = ("none", "bf16", "fp16")
-SAMPLERS = ("uniform", "mask", "class", "fusion")
 ABLATION_STUDIES = ("losses", "stages", "samplers", "label_fraction")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file and the key."""
 
 
 @dataclass
@@ -82,23 +77,19 @@ class TeacherPretrainConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(ZeroShotSettings):
     kind: str = "standin"
     preset: str = "demo-teacher"  # stand-in teacher: a preset of cast.models.build_student
-    preset_overrides: dict[str, Any] = field(default_factory=dict)  # StudentConfig fields to replace
-    grounding_dino_dir: str | None = None  # local from_pretrained folders of the VFM teacher
+    preset_overrides: dict[str, Any] = field(default_factory=dict)  # CastStudentConfig fields to replace
+    grounding_dino_dir: str | None = None  # local hub folders of a foundation-model teacher
     sam_dir: str | None = None
-    box_threshold: float = 0.3
-    text_threshold: float = 0.25
-    mask_threshold: float = 0.5
-    max_instances: int = 100
     pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
 
 
 @dataclass
 class StudentConfig:
     preset: str = "demo-student"
-    preset_overrides: dict[str, Any] = field(default_factory=dict)  # StudentConfig fields to replace
+    preset_overrides: dict[str, Any] = field(default_factory=dict)  # CastStudentConfig fields to replace
     pretrained_encoder_dir: str | None = None  # local DINOv2 folder; None = random init
 
 
@@ -169,78 +160,11 @@ class CastConfig:
 # --------------------------------------------------------------------------- parsing
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp` and convert it (dicts -> dataclasses)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key, source)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: key '{key}': expected a mapping, got {value!r}")
-        return _build(tp, value, key, source)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: key '{key}': expected a mapping, got {value!r}")
-        return dict(value)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: key '{key}': expected a list, got {value!r}")
-        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is float:
-        # YAML reads "1e-4" (no dot) as a string; accept ints and such strings for floats.
-        if isinstance(value, bool):
-            raise ConfigError(f"{source}: key '{key}': expected float, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{source}: key '{key}': expected float, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{source}: key '{key}': expected int, got {value!r}")
-    if tp is bool or tp is str:
-        if isinstance(value, tp):
-            return value
-        raise ConfigError(f"{source}: key '{key}': expected {tp.__name__}, got {value!r}")
-    raise ConfigError(f"{source}: key '{key}': unsupported type {_type_name(tp)}")
-
-
-def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in values.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(names))})")
-        kwargs[k] = _convert(v, hints[k], key, source)
-    return cls(**kwargs)
-
-
 def config_from_dict(values: dict, source: str = "<dict>") -> CastConfig:
     """Build a CastConfig from a nested dict (missing keys take their defaults); no validation."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(values).__name__}")
-    return _build(CastConfig, values, "", source)
+    return build_dataclass(CastConfig, values, "", source)
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -362,10 +286,8 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
 
     t = cfg.teacher
     _check_choice(t.kind, TEACHER_KINDS, source, "teacher.kind")
-    for key in ("box_threshold", "text_threshold", "mask_threshold"):
-        v = getattr(t, key)
-        _check(0 <= v <= 1, source, f"teacher.{key}", f"must be in [0, 1], got {v}")
-    _check(t.max_instances >= 1, source, "teacher.max_instances", f"must be >= 1, got {t.max_instances}")
+    for key, problem in t.problems():
+        _check(False, source, f"teacher.{key}", problem)
     _validate_train(t.pretrain.train, source, "teacher.pretrain.train")
 
     if t.kind == "standin":

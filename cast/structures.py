@@ -72,7 +72,7 @@ class Instances:
         return Instances(self.masks[keep], self.labels[keep], self.scores[keep])
 
 
-# A training/eval batch, as `cast.data.loader.collate_instances` builds it, is a dict:
+# A training/eval batch, as `cast.data.batches.collate_instances` builds it, is a dict:
 #   "pixel_values":        (B, 3, H, W) float32 in [0, 1], the weak view (models normalise inside)
 #   "pixel_values_strong": (B, 3, H, W) the strong view: same geometry, photometric changes only
 #                          (present when the loader was built with strong views)

@@ -198,17 +198,17 @@ def test_draw_instances_blends_the_inside():
 
 
 def test_pixel_grid_maps_cells_and_pixels_both_ways():
-    grid = PixelGrid.build((90, 120), (48, 64), stride=8)
-    assert grid.size == (6, 8)
+    grid = PixelGrid(orig_size=(90, 120), input_size=(48, 64), cover=(48, 64), size=(6, 8))
     cells = np.arange(grid.num_cells)
     centres = grid.centres(cells)
     assert [grid.cell_of(x, y) for x, y in centres] == cells.tolist()
     expanded = grid.expand(cells.reshape(grid.size))
     assert expanded.shape == (90, 120)
     assert expanded[0, 0] == 0 and expanded[-1, -1] == grid.num_cells - 1
-    # A large image: the grid is shrunk below the cap, keeping its aspect ratio.
-    big = PixelGrid.build((1024, 2048), (1024, 2048), stride=8, max_cells=4096)
-    assert big.num_cells <= 4096 and abs(big.size[1] / big.size[0] - 2) < 0.1
+    # A batch padded below the image (input 48 rows in 64): the image's last row lies in cell row
+    # 5, and the centres of padding rows map back onto the image's last row.
+    padded = PixelGrid(orig_size=(45, 60), input_size=(48, 64), cover=(64, 64), size=(8, 8))
+    assert padded.cell_of(59, 44) == 5 * 8 + 7 and padded.centres(np.array([63]))[0].tolist() == [55.75, 44.0]
 
 
 class OracleModel(torch.nn.Module):
@@ -216,7 +216,6 @@ class OracleModel(torch.nn.Module):
 
     def __init__(self, instance_ids: np.ndarray, labels: list[int], num_classes: int) -> None:
         super().__init__()
-        self.config = type("Config", (), {"projection_stride": 4})()
         ids = torch.from_numpy(instance_ids)[None, None].float()
         ids = torch.nn.functional.interpolate(ids, scale_factor=0.25, mode="nearest")[0, 0].long()
         k = len(labels) + 1  # one query per instance + one for the background
@@ -232,7 +231,11 @@ class OracleModel(torch.nn.Module):
         h, w = self.mask_logits.shape[-2:]
         return SegmentationOutput(class_logits=self.class_logits.expand(b, -1, -1),
                                   mask_logits=self.mask_logits.expand(b, -1, -1, -1),
-                                  embeddings=torch.randn(b, 8, h, w))
+                                  embeddings=self.pixel_embeddings(pixel_values))
+
+    def pixel_embeddings(self, pixel_values: torch.Tensor, pixel_mask=None) -> torch.Tensor:
+        h, w = self.mask_logits.shape[-2:]
+        return torch.randn(pixel_values.shape[0], 8, h, w)
 
 
 def _oracle_scene() -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -294,6 +297,70 @@ def test_explain_with_a_saved_student(inspector):
     assert 0.0 <= inside["false_negative_rate"] <= 1.0  # the clicked pixel is in a ground-truth instance
     ids = instance_id_map(truth, image.shape[:2])
     assert ids[ys[0], xs[0]] >= 0
+
+
+class Recorder(torch.nn.Module):
+    """A model that records what it was given and what it returned."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, {}
+
+    def forward(self, pixel_values, pixel_mask=None, targets=None):
+        self.seen.update(pixel_mask=pixel_mask, output=self.model(pixel_values, pixel_mask))
+        return self.seen["output"]
+
+    def pixel_embeddings(self, pixel_values, pixel_mask=None):
+        self.seen["strong"] = self.model.pixel_embeddings(pixel_values, pixel_mask)
+        return self.seen["strong"]
+
+
+@pytest.mark.parametrize("strategy", ["fusion", "uniform"])
+def test_the_heat_map_is_the_law_the_loss_draws_negatives_from(monkeypatch, strategy):
+    """The app's s_deb map of a clicked pixel is, value for value, the law the training loss
+    (PixelContrastiveLoss) samples that anchor's negatives from on the same inputs, and the loss's
+    draws follow it."""
+    from scipy import stats
+
+    from cast.losses import contrastive
+    from cast.losses.sampling import sampling_law
+
+    image, ids, labels = _oracle_scene()
+    model = Recorder(OracleModel(ids, labels, num_classes=2))
+    explanation = explain_pixel(model, image, x=15, y=40, strategy=strategy, num_negatives=16)
+    captured, real = {}, contrastive.sample_negatives
+    monkeypatch.setattr(contrastive, "sample_negatives",
+                        lambda y, r, gen, **kw: captured.setdefault("draws", real(y, r, gen, **kw)) if
+                        captured.update(y=y, valid=kw["valid"]) is None else None)
+    out = model.seen["output"]
+    contrastive.PixelContrastiveLoss(strategy, num_negatives=20000)(
+        out.embeddings, model.seen["strong"], out.mask_logits, out.class_logits, pixel_mask=model.seen["pixel_mask"],
+        generator=torch.Generator().manual_seed(1))
+    law = sampling_law(captured["y"], captured["valid"], torch.tensor([explanation.anchor]))[0].numpy()
+    np.testing.assert_array_equal(explanation.weights.reshape(-1), law)
+    assert law[explanation.anchor] == 0.0 and (law > 0).sum() > 10
+    counts = np.bincount(captured["draws"][0, explanation.anchor].numpy(), minlength=law.size)
+    drawable = law > 0
+    assert counts[~drawable].sum() == 0  # never a cell of weight 0 (the anchor itself, padding)
+    expected = law[drawable].astype(np.float64) / law[drawable].astype(np.float64).sum() * counts.sum()
+    assert stats.chisquare(counts[drawable], expected).pvalue > 1e-3
+
+
+def test_a_run_with_the_foundation_model_teacher_is_inspected_at_its_teacher_stages(tmp_path):
+    from cast.teachers.vfm import random_teacher
+
+    run_dir = make_synthetic_run(tmp_path)
+    torch.manual_seed(0)
+    random_teacher(list(demo.DEMO_CLASSES), projection_stride=8).save_pretrained(
+        RunFolder(run_dir).model("teacher_adaptation"))
+    inspector = RunInspector(run_dir)
+    assert inspector.data.models() == [MODEL_STAGE, "teacher_adaptation"]
+    key = inspector.data.keys[0]
+    heat, positive, summary = inspector.explain(key, "teacher_adaptation", "fusion", x=20, y=30, num_negatives=8)
+    assert heat.shape == enlarge(inspector.data.pixels(key), inspector.scale(key)).shape
+    assert summary["weight_at_anchor"] == 0.0 and summary["num_negatives"] == 8 and summary["grid"] == [8, 8]
+    image = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    assert inspector.predict(image, "teacher_adaptation", score_threshold=0.0).shape == image.shape
 
 
 def test_predict_on_an_image_draws_at_its_own_size(inspector):

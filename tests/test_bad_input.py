@@ -15,7 +15,7 @@ from cast.data.cityscapes import read_cityscapes
 from cast.data.coco import read_coco
 from cast.data.errors import DataError, DataWarning, MissingFileError
 from cast.data.folder import read_image_folder
-from cast.data.images import load_image
+from cast.data.dataset import load_image
 from cast.data.splits import load_split
 
 H, W = 16, 20

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from cast.training import checkpoint as ckpt_mod
-from cast.training.checkpoint import (CheckpointWriteError, SettingsChangedError, load_checkpoint, load_weights,
-                                      save_checkpoint, settings_changes)
+from cast.training.checkpoint import CheckpointWriteError, load_checkpoint, load_weights, save_checkpoint
+from cast.utils.cache import SettingsChangedError, settings_changes
 from cast.training.metrics import read_metrics
-from cast.training.trainer import Objective
+from cast.training.objective import Objective
 from test_training import TinySegModel, make_trainer
 
 OBJECTIVE = Objective(lambda_semi=0.5, lambda_pxl=0.1)  # every stream and the negative sampler

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from scipy import stats
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cast.losses.contrastive import (ContrastiveOutput, PixelContrastiveLoss, _grid_size, _pair_dots, _pair_dots_grad,
-                                     empirical_margin, false_negative_rate, pixel_contrastive_loss,
-                                     pixel_probabilities, sample_negatives)
+from cast.losses.contrastive import (ContrastiveOutput, PixelContrastiveLoss, loss_grid, mean_distances,
+                                     pixel_contrastive_loss)
+from cast.losses.sampling import (false_negative_rate, pair_dots, pair_dots_grad, pixel_probabilities,
+                                  sample_negatives)
 
 P_THRESHOLD = 1e-3  # a correct sampler fails a test at this level once in a thousand seeds
 
@@ -102,14 +103,14 @@ def test_pair_dots_cpu_sparse_and_chunked_paths_agree():
     expected = (x[rows] * x[cols]).sum(-1)
     (expected_grad,) = torch.autograd.grad((expected * grad).sum(), x)
     for sparse in (True, False):
-        assert torch.allclose(_pair_dots(x.detach(), crow, cols, chunk_elements=7, sparse=sparse), expected)
-        got = _pair_dots_grad(x.detach(), crow, cols, grad, chunk_elements=7, sparse=sparse)
+        assert torch.allclose(pair_dots(x.detach(), crow, cols, chunk_elements=7, sparse=sparse), expected)
+        got = pair_dots_grad(x.detach(), crow, cols, grad, chunk_elements=7, sparse=sparse)
         assert torch.allclose(got, expected_grad)
     many = torch.randint(0, 9, (120,))  # more entries than the 9 x 9 matrix: the gather path
     crow_many = torch.arange(0, 121, 120 // 9 + 1).clamp(max=120)
     crow_many = torch.cat([crow_many, torch.full((10 - crow_many.numel(),), 120)])
     rows_many = torch.searchsorted(crow_many, torch.arange(120), right=True) - 1
-    assert torch.allclose(_pair_dots(x.detach(), crow_many, many, chunk_elements=7),
+    assert torch.allclose(pair_dots(x.detach(), crow_many, many, chunk_elements=7),
                           (x[rows_many] * x[many]).sum(-1).detach())
 
 
@@ -282,6 +283,11 @@ def test_false_negative_rate_of_uniform_is_the_instance_share():
     assert false_negative_rate(index, ids.flatten(1)) == pytest.approx(expected, abs=0.01)
 
 
+def empirical_margin(z_weak, z_strong, index) -> float:
+    positive, negative = mean_distances(z_weak, z_strong, index)
+    return negative - positive
+
+
 def test_empirical_margin_sign():
     z = torch.randn(2, 50, 16)
     index = sample_negatives(None, 20, _generator(9), size=(2, 50))
@@ -363,10 +369,10 @@ def test_module_excludes_padding_and_resizes():
 
 
 def test_max_pixels_keeps_the_aspect_ratio():
-    assert _grid_size(8, 8, None, 20) == (4, 4)
-    assert _grid_size(6, 12, None, 18) == (3, 6)
-    assert _grid_size(6, 12, None, 100) == (6, 12)
-    assert _grid_size(6, 12, (2, 5), None) == (2, 5)
+    assert loss_grid(8, 8, None, 20) == (4, 4)
+    assert loss_grid(6, 12, None, 18) == (3, 6)
+    assert loss_grid(6, 12, None, 100) == (6, 12)
+    assert loss_grid(6, 12, (2, 5), None) == (2, 5)
     emb_weak, emb_strong, mask_logits, class_logits, _ = _module_inputs()
     capped = PixelContrastiveLoss(num_negatives=4, max_pixels=20)(
         emb_weak, emb_strong, mask_logits, class_logits, generator=_generator(12))

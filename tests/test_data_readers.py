@@ -20,7 +20,7 @@ from cast.data.cityscapes import CITYSCAPES_THING_CLASSES, CITYSCAPES_THING_IDS,
 from cast.data.coco import read_coco, write_coco
 from cast.data.dataset import InstanceDataset, UnlabeledImages
 from cast.data.folder import read_image_folder
-from cast.data.images import load_image
+from cast.data.dataset import load_image
 from cast.structures import InstanceSample
 
 H, W = 24, 32

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from cast.training.data import StreamBatchSampler, epoch_permutation
-from cast.training.distributed import DistContext, all_gather_objects, cleanup, init_distributed, shard
-from cast.training.trainer import Objective
+from cast.utils.distributed import DistContext, all_gather_objects, cleanup, init_distributed, shard
+from cast.training.objective import Objective
 from test_training import TinySegModel, make_trainer
 
 OBJECTIVE = Objective(lambda_semi=0.5, lambda_pxl=0.0)

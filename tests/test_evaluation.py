@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cast.evaluation import evaluate_instances, instances_to_coco, load_results, save_results
+from cast.evaluation.coco import evaluate_instances, instances_to_results, load_results, save_results
 from cast.structures import Instances
 
 CATEGORY_IDS = [3, 7, 11]  # non-contiguous on purpose
@@ -49,7 +49,7 @@ def _results(truth, perturb=None):
         scores = np.linspace(0.9, 0.5, len(labels))
         if perturb is not None:
             masks, labels, scores = perturb(masks, labels, scores)
-        out += instances_to_coco(Instances(torch.from_numpy(masks), torch.from_numpy(labels),
+        out += instances_to_results(Instances(torch.from_numpy(masks), torch.from_numpy(labels),
                                            torch.from_numpy(scores)), image_id, CATEGORY_IDS)
     return out
 
@@ -113,4 +113,4 @@ def test_rle_round_trip_and_json_files(gt_and_truth, tmp_path):
 def test_label_outside_classes_is_refused():
     bad = Instances(torch.ones(1, 4, 4, dtype=torch.bool), torch.tensor([5]), torch.tensor([0.9]))
     with pytest.raises(ValueError, match="label 5"):
-        instances_to_coco(bad, 1, CATEGORY_IDS)
+        instances_to_results(bad, 1, CATEGORY_IDS)

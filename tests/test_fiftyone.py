@@ -16,7 +16,7 @@ from PIL import Image
 from test_app import MODEL_STAGE, free_port, make_synthetic_run
 
 from cast.data.splits import make_split, validate_split
-from cast.evaluation.coco_eval import evaluate_instances
+from cast.evaluation.coco import evaluate_instances
 from cast.inspection import GROUND_TRUTH, RunContents
 
 fo = pytest.importorskip("fiftyone")

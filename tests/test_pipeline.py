@@ -88,7 +88,7 @@ def test_run_writes_every_stage_and_the_report(tiny_run):
     assert folder.available_pseudo_labels() == ["teacher_adaptation", "teacher_self_training"]
     labels = json.loads(folder.pseudo_labels("teacher_self_training").read_text())
     manifest = json.loads(folder.pseudo_label_manifest("teacher_self_training").read_text())
-    assert manifest["image_ids"] == json.loads(folder.split.read_text())["unlabeled_image_ids"]
+    assert manifest["settings"]["image_ids"] == json.loads(folder.split.read_text())["unlabeled_image_ids"]
     assert manifest["num_instances"] == len(labels) and all("counts" in r["segmentation"] for r in labels)
     assert set(folder.available_predictions()) == ROWS
     assert (folder.plots / "ap.png").is_file()

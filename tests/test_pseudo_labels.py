@@ -8,10 +8,12 @@ import torch
 from pycocotools import mask as mask_utils
 
 from cast.config import PseudoLabelConfig
-from cast.evaluation.coco_eval import encode_mask
+from cast.evaluation.coco import encode_mask, instances_to_results
+from cast.evaluation.predict import merge_shards, predict_results
+from cast.models.protocol import weights_hash
 from cast.pipeline import pseudo_labels as pl
 from cast.structures import InstanceSample, Instances
-from cast.training.distributed import DistContext
+from cast.utils.distributed import DistContext
 from test_training import TinySegModel
 
 CATEGORY_IDS = [1, 2]
@@ -78,7 +80,7 @@ def test_results_round_trip_to_samples():
     masks[0, :3, :4] = True
     masks[1, 5:, 2:] = True
     inst = Instances(masks, torch.tensor([1, 0]), torch.tensor([0.9, 0.3]))
-    results = pl.instances_to_results(inst, 7, CATEGORY_IDS)
+    results = instances_to_results(inst, 7, CATEGORY_IDS)
     assert [r["category_id"] for r in results] == [2, 1] and [r["area"] for r in results] == [12, 18]
     assert results[0]["bbox"] == [0.0, 0.0, 4.0, 3.0] and isinstance(results[0]["segmentation"]["counts"], str)
     image = InstanceSample(image=np.zeros((8, 8, 3), np.uint8), masks=np.zeros((0, 8, 8), bool),
@@ -91,7 +93,7 @@ def test_results_round_trip_to_samples():
 
 def test_the_settings_of_a_stage_follow_its_pseudo_labels():
     from cast.config import load_config
-    from cast.pipeline.stages import objective, stage_settings
+    from cast.pipeline.stages import stage_settings, stage_spec
 
     cfg = load_config("configs/smoke.yaml")
     images, model = _samples(2, 8), TinySegModel()
@@ -99,9 +101,9 @@ def test_the_settings_of_a_stage_follow_its_pseudo_labels():
     masks[0, :3, :4] = True
 
     def settings(score: float) -> dict:
-        results = pl.instances_to_results(Instances(masks, torch.tensor([0]), torch.tensor([score])), 10, CATEGORY_IDS)
+        results = instances_to_results(Instances(masks, torch.tensor([0]), torch.tensor([score])), 10, CATEGORY_IDS)
         unlabeled = pl.PseudoLabeledImages(images, results, CATEGORY_IDS)
-        return stage_settings("knowledge_transfer", model, cfg, objective("knowledge_transfer", cfg), images, unlabeled)
+        return stage_settings(stage_spec("knowledge_transfer", cfg, unlabeled), model, cfg, images, unlabeled)
 
     assert settings(0.9) == settings(0.9)
     assert settings(0.9)["unlabeled_images"] != settings(0.8)["unlabeled_images"]
@@ -109,14 +111,14 @@ def test_the_settings_of_a_stage_follow_its_pseudo_labels():
 
 def test_labels_are_reused_until_teacher_data_or_thresholds_change(tmp_path, monkeypatch):
     calls = []
-    real = pl.predict_results
-    monkeypatch.setattr(pl, "predict_results", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(pl, "predict_results", lambda *a, **k: calls.append(1) or predict_results(*a, **k))
     model, samples = TinySegModel(), _samples()
     first = _label(tmp_path, model, samples)
     assert len(first) > 0 and len(calls) == 1
     manifest = pl.read_json(tmp_path / "s.manifest.json")
-    assert manifest["image_ids"] == [10, 11, 12, 13, 14] and manifest["teacher_hash"] == pl.weights_hash(model)
-    assert manifest["num_instances"] == len(first) and manifest["code_version"]
+    settings = manifest["settings"]
+    assert settings["image_ids"] == [10, 11, 12, 13, 14] and settings["teacher_hash"] == weights_hash(model)
+    assert manifest["num_instances"] == len(first) and settings["code_version"]
 
     assert _label(tmp_path, model, samples) == first and len(calls) == 1  # reused
     _label(tmp_path, model, samples, PseudoLabelConfig(score_threshold=0.2, min_area=0))
@@ -153,18 +155,18 @@ def test_a_crash_while_writing_leaves_no_manifest_and_forces_a_redo(tmp_path, mo
 
 def test_sharded_prediction_merges_to_the_single_process_result():
     model, samples = TinySegModel(), _samples(5)
-    single = pl.predict_results(model, samples, CATEGORY_IDS, None, 2)
+    single = predict_results(model, samples, CATEGORY_IDS, None, 2)
     # Without a process group each rank returns its own shard; the gather concatenates them.
-    shards = [pl.predict_results(model, samples, CATEGORY_IDS, None, 2, DistContext(rank=r, world_size=2))
+    shards = [predict_results(model, samples, CATEGORY_IDS, None, 2, DistContext(rank=r, world_size=2))
               for r in range(2)]
     assert {r["image_id"] for r in shards[0]} == {10, 12, 14} and {r["image_id"] for r in shards[1]} == {11, 13}
-    assert pl.merge_shards(shards) == single
+    assert merge_shards(shards) == single
 
 
 def test_weights_hash_sees_every_parameter():
     model = TinySegModel()
-    h = pl.weights_hash(model)
-    assert h == pl.weights_hash(model)
+    h = weights_hash(model)
+    assert h == weights_hash(model)
     with torch.no_grad():
         model.class_head.bias[0] += 1e-6
-    assert pl.weights_hash(model) != h
+    assert weights_hash(model) != h

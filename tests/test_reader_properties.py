@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of every reader: whatever bytes or json it is given, it either
 reads them, or raises the project's `DataError` naming the file, or (``lenient=True``) skips the
 bad item and counts it; never another exception. What is read satisfies the `InstanceSample`
-invariants and goes through the training and evaluation views into a batch (cast.data.loader).
+invariants and goes through the training and evaluation views into a batch (cast.data.batches).
 
 Inputs: COCO json with random structural and value damage (polygons of odd lengths, NaN,
 outside the image, degenerate; RLE with bad counts strings and wrong sizes), Cityscapes
@@ -38,10 +38,10 @@ from cast.data.cityscapes import CITYSCAPES_THING_IDS, read_cityscapes
 from cast.data.coco import read_coco
 from cast.data.errors import DataError, DataWarning
 from cast.data.folder import FOLDER_EXTENSIONS, read_image_folder
-from cast.data.images import IMAGE_EXTENSIONS, load_image, probe_image
-from cast.data.loader import build_loader
+from cast.data.dataset import IMAGE_EXTENSIONS, load_image, probe_image
+from cast.data.batches import InstanceTorchDataset, collate_instances
 from cast.data.splits import load_split
-from cast.data.views import EvalTransform, WeakStrongViews
+from cast.data.batches import EvalTransform, WeakStrongViews
 from cast.pipeline import pseudo_labels as pl
 from cast.structures import InstanceSample
 from cast.training import checkpoint as ckpt_mod
@@ -94,9 +94,11 @@ def check_batches(samples: list[InstanceSample]) -> None:
     """The samples go through the training views (weak + strong) and the evaluation view into batches."""
     if not samples:
         return
-    train = build_loader(samples, batch_size=len(samples), transform=WeakStrongViews(crop_size=CROP),
-                         shuffle=False, seed=0)
-    batch = next(iter(train))
+    def one_batch(transform) -> dict:
+        dataset = InstanceTorchDataset(samples, transform)
+        return collate_instances([dataset[i] for i in range(len(dataset))])
+
+    batch = one_batch(WeakStrongViews(crop_size=CROP))
     b = len(samples)
     assert batch["pixel_values"].shape == (b, 3, *CROP) and batch["pixel_values_strong"].shape == (b, 3, *CROP)
     for key in ("pixel_values", "pixel_values_strong"):
@@ -108,9 +110,7 @@ def check_batches(samples: list[InstanceSample]) -> None:
         k = len(target["labels"])
         assert target["masks"].shape == (k, *CROP)
         assert ids.min() >= -1 and ids.max() < k if k else (ids == -1).all()
-    evaluation = build_loader(samples, batch_size=len(samples), transform=EvalTransform(32), shuffle=False, seed=0,
-                              size_divisibility=32)
-    batch = next(iter(evaluation))
+    batch = one_batch(EvalTransform(32))
     assert batch["orig_sizes"] == [(s.height, s.width) for s in samples]
 
 
@@ -655,9 +655,10 @@ def test_pseudo_labels_are_reused_only_when_whole_and_vouched_for(n, labels, man
              "truncated": json.dumps(results)[: int(cut * len(json.dumps(results)))],
              "garbage": "\x00{[", "object": json.dumps({"results": results}),
              "bad items": json.dumps([{"image_id": 10}] * n if n else [1])}
-    manifests = {"valid": {**EXPECTED_MANIFEST, "num_instances": n},
-                 "other teacher": {**EXPECTED_MANIFEST, "teacher_hash": "def", "num_instances": n},
-                 "list": [EXPECTED_MANIFEST], "no count": EXPECTED_MANIFEST}
+    manifests = {"valid": {"settings": EXPECTED_MANIFEST, "num_instances": n},
+                 "other teacher": {"settings": {**EXPECTED_MANIFEST, "teacher_hash": "def"}, "num_instances": n},
+                 "list": [{"settings": EXPECTED_MANIFEST, "num_instances": n}],
+                 "no count": {"settings": EXPECTED_MANIFEST}}
     with tempfile.TemporaryDirectory() as tmp:
         path, manifest_path = Path(tmp) / "s.json", Path(tmp) / "s.manifest.json"
         if labels != "missing":

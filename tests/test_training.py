@@ -20,7 +20,8 @@ from cast.structures import Instances
 from cast.training.checkpoint import load_checkpoint
 from cast.training.metrics import read_metrics
 from cast.training.optim import build_optimizer, build_scheduler, poly_factor
-from cast.training.trainer import NonFiniteLossError, Objective, TrainData, Trainer
+from cast.training.objective import Objective
+from cast.training.trainer import NonFiniteLossError, TrainData, Trainer
 
 NUM_CLASSES, SIZE = 2, 16
 
@@ -161,7 +162,7 @@ def make_trainer(tmp: Path, steps: int = 6, objective: Objective = Objective(), 
     cfg = TrainConfig(**{"steps": steps, "lr": 1e-2, "weight_decay": 0.01, "backbone_lr_multiplier": 0.5,
                          "warmup_steps": 1, "clip_grad_norm": 1.0, "checkpoint_every": 2, **cfg_kwargs})
     data = TrainData(labeled=TinyDataset(10, seed=1), labeled_batch_size=4, collate_fn=collate,
-                     unlabeled=TinyDataset(7, seed=2), unlabeled_batch_size=2)
+                     unlabeled=TinyDataset(7, seed=2) if objective.reads_unlabeled else None, unlabeled_batch_size=2)
     if contrastive is None and objective.lambda_pxl > 0:
         contrastive = TinyContrastive()
     return Trainer(model or TinySegModel(), "teacher_adaptation", cfg, objective, data, tmp, seed=3,

@@ -14,13 +14,13 @@ from transformers import BertTokenizer, GroundingDinoForObjectDetection, Sam2Mod
 
 from cast.config import TrainConfig, config_from_dict, validate_config
 from cast.data.demo import DEMO_CLASSES
-from cast.pipeline.stages import train_stage
+from cast.pipeline.stages import stage_spec, train_stage
 from cast.structures import InstanceSample
 from cast.teachers.vfm import GroundingDinoSamTeacher, TeacherSettings
 from cast.teachers.vfm_configs import bert_like_vocab, grounding_dino_config, sam_config
 from cast.teachers.vfm_ops import (boxes_to_cxcywh, build_prompt, class_log_probs, class_scores, masks_to_boxes,
                                    region_logits, resolve_overlaps, select_detections)
-from cast.training.trainer import Objective
+from cast.training.objective import Objective
 
 CLASSES = list(DEMO_CLASSES)  # disc, square, triangle, cross: the pipeline smoke's data classes
 SAM_KINDS = ("sam2", "sam")
@@ -145,8 +145,9 @@ def test_one_adaptation_step_trains_only_the_trainable_parts(folders, tmp_path):
     cfg = config_from_dict({"device": "cpu", "data": {"crop_size": [64, 64], "batch_size": 2},
                             "losses": {"lambda_pxl": 0.1, "num_negatives": 8, "embedding_stride": 8}})
     stage_dir = tmp_path / "teacher_adaptation"
-    trained = train_stage("teacher_adaptation", teacher, cfg, Objective(0.0, 0.1), training_samples(), None,
-                          stage_dir, train_cfg=TrainConfig(steps=1, lr=1e-3, checkpoint_every=1))
+    spec = stage_spec("teacher_adaptation", cfg, objective=Objective(0.0, 0.1),
+                      train=TrainConfig(steps=1, lr=1e-3, checkpoint_every=1))
+    trained = train_stage(spec, teacher, cfg, training_samples(), None, stage_dir)
     metrics = (stage_dir / "metrics.jsonl").read_text()
     assert "loss_sup" in metrics and "loss_pxl_labeled" in metrics
 

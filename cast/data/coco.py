@@ -30,7 +30,7 @@ from tqdm import tqdm
 from cast.data.dataset import (ImageRecord, InstanceDataset, Target, coco_annotation, coco_document, encode_masks,
                                make_target)
 from cast.data.errors import DataError, LoadReport, MissingFileError
-from cast.data.images import IMAGE_EXTENSIONS
+from cast.data.dataset import IMAGE_EXTENSIONS
 from cast.structures import InstanceSample
 from cast.utils.io import atomic_write_json
 

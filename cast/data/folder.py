@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from cast.data.dataset import ImageRecord, UnlabeledImages, require_dir
 from cast.data.errors import DataError, LoadReport
-from cast.data.images import probe_image
+from cast.data.dataset import probe_image
 
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 

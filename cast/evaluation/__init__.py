@@ -1,5 +1,3 @@
-"""Mask AP evaluation: COCO-style through pycocotools, Cityscapes' official metric through
-cityscapesscripts."""
-from cast.evaluation.coco_eval import evaluate_instances, instances_to_coco, load_results, save_results
-
-__all__ = ["evaluate_instances", "instances_to_coco", "load_results", "save_results"]
+"""Evaluation in one place: a model's predictions on a data set as COCO results (`predict`),
+COCO mask AP by pycocotools (`coco`), the official Cityscapes metric (`cityscapes`) and the
+run's cached evaluator (`evaluator`)."""

@@ -24,8 +24,7 @@ import fiftyone.brain as fob
 import numpy as np
 from tqdm import tqdm
 
-from cast.data.dataset import ImageDataset
-from cast.data.images import load_image
+from cast.data.dataset import ImageDataset, load_image
 from cast.data.splits import validate_split
 from cast.inspection import GROUND_TRUTH, ImageInstances, RunContents
 

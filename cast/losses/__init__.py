@@ -1,2 +1,5 @@
-"""CAST losses: the set-prediction loss (cast.losses.set_prediction) and the instance-aware pixel
-contrastive loss (cast.losses.contrastive). Import them from their modules."""
+"""CAST losses: the set-prediction loss (`set_prediction`), the instance-aware pixel contrastive
+loss (`contrastive`) and its debiased negative sampler (`sampling`)."""
+
+# The negative samplers of the contrastive loss, in the order of the paper's Table 4.
+SAMPLERS = ("uniform", "mask", "class", "fusion")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cast.models.config import CastStudentConfig
-from cast.models.postprocess import instance_inference
+from cast.models.student import instance_inference
 from cast.models.student import CastStudent
 from cast.structures import Instances
 from cast.utils.io import atomic_save

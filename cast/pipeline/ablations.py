@@ -21,12 +21,13 @@ from typing import Any, Callable
 import torch
 
 from cast.config import CastConfig
-from cast.models.student import CastStudent
-from cast.pipeline.runner import Evaluator, Pipeline, new_student
-from cast.pipeline.stages import stage_complete, stage_settings, train_stage
+from cast.evaluation.evaluator import Evaluator
+from cast.models.auto import load_model
+from cast.pipeline.runner import Pipeline, new_student
+from cast.pipeline.stages import reuse_or_train, stage_spec
 from cast.runs import RunFolder
-from cast.training.distributed import DistContext, barrier
-from cast.training.trainer import Objective
+from cast.training.objective import Objective
+from cast.utils.distributed import DistContext, barrier
 from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_json, atomic_write_text
 
@@ -48,7 +49,7 @@ class Ablation:
         self.main = Pipeline(cfg, ctx)
         self.main_report = self.main.run()
         self.folder = RunFolder(self.main.folder.ablations / study)
-        self.evaluator = Evaluator(cfg, self.main.data, self.folder, ctx)
+        self.evaluator = Evaluator(cfg, self.main.data.val, self.folder.root / "predictions", ctx)
 
     def main_row(self, model_key: str) -> dict[str, Any]:
         return next(r for r in self.main_report["rows"] if r["model"] == model_key)
@@ -57,12 +58,8 @@ class Ablation:
                 labeled: Any, unlabeled: Any = None, cfg: CastConfig | None = None) -> torch.nn.Module:
         """Train one variant with the budget of `stage` (or load it when it is done)."""
         cfg = cfg or self.cfg
-        stage_dir = self.folder.stage(name)
-        model = make_model()
-        settings = stage_settings(stage, model, cfg, objective, labeled, unlabeled)
-        if stage_complete(stage_dir, settings):
-            return CastStudent.from_pretrained(stage_dir / "model")
-        return train_stage(stage, model, cfg, objective, labeled, unlabeled, stage_dir, self.ctx, settings=settings)
+        spec = stage_spec(stage, cfg, unlabeled, objective=objective)
+        return reuse_or_train(spec, self.folder.stage(name), make_model, cfg, labeled, unlabeled, self.ctx)[0]
 
     def evaluate(self, name: str, model: torch.nn.Module) -> dict[str, Any]:
         meta = self.evaluator(name, model)
@@ -75,7 +72,7 @@ class Ablation:
         """Pseudo-labels of the main run (computed there when needed)."""
         if teacher_name == "teacher_zero_shot":
             return self.main.pseudo_labels(teacher_name, self.main.teachers.zero_shot())
-        return self.main.pseudo_labels(teacher_name, self.main.teachers.load(self.main.folder.model(teacher_name)))
+        return self.main.pseudo_labels(teacher_name, load_model(self.main.folder.model(teacher_name)))
 
 
 def _row(name: str, result: dict[str, Any], paper: Any, source: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The Table-1-style summary of a run: report.json (rows + resolved config) and report.md (the
-same table with the paper's published numbers beside it, from docs/cast-method.md)."""
+same table with the published numbers of the CAST paper beside it: Taghavi et al., arXiv
+2505.21904, Table 1), the contrastive diagnostics of each stage and where its walls were timed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,12 +33,19 @@ PAPER_EFFICIENCY = ("teacher 568 M parameters, 880 GFLOPs, 350.9 ms; student 52 
                     "(hardware and resolution not stated)")
 
 
-def make_row(key: str, metrics: dict[str, float], efficiency: dict[str, float], wall_s: float | None) -> dict:
-    """One table row; `metrics` AP and AP50 in percent (0-100) like the paper."""
+def make_row(key: str, metrics: dict[str, Any], efficiency: dict[str, float], wall_s: float | None,
+             diagnostics: dict[str, float] | None = None) -> dict:
+    """One table row; `metrics` AP and AP50 in percent (0-100) like the paper (on Cityscapes also
+    the official metric); `diagnostics` the stage's contrastive diagnostics (metrics.diagnostics_summary)."""
     name = dict(ROWS).get(key, key)
-    return {"name": name, "model": key, "AP": _round(metrics.get("AP")), "AP50": _round(metrics.get("AP50")),
-            "params_m": efficiency.get("params_m"), "gflops": efficiency.get("gflops"),
-            "latency_ms": efficiency.get("latency_ms"), "wall_s": wall_s}
+    row = {"name": name, "model": key, "AP": _round(metrics.get("AP")), "AP50": _round(metrics.get("AP50")),
+           "params_m": efficiency.get("params_m"), "gflops": efficiency.get("gflops"),
+           "latency_ms": efficiency.get("latency_ms"), "wall_s": wall_s}
+    if "cityscapes" in metrics:
+        row["cityscapes_AP"] = _round(metrics["cityscapes"]["AP"])
+        row["cityscapes_AP50"] = _round(metrics["cityscapes"]["AP50"])
+    row.update({k: round(v, 4) for k, v in (diagnostics or {}).items()})
+    return row
 
 
 def _round(value: float | None) -> float | None:
@@ -84,7 +92,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         ade = f"{paper[1][0]:.1f} / {paper[1][1]:.1f}" if paper else "-"
         lines.append(f"| {r['name']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {_fmt(r['params_m'])} | "
                      f"{_fmt(r['gflops'], 2)} | {_fmt(r['latency_ms'])} | {_fmt(r.get('wall_s'), 0)} | {city} | {ade} |")
+    if any("cityscapes_AP" in r for r in report["rows"]):
+        lines += ["", "Official Cityscapes metric (cityscapesscripts), AP / AP50: " + "; ".join(
+            f"{r['name']} {_fmt(r.get('cityscapes_AP'))} / {_fmt(r.get('cityscapes_AP50'))}" for r in report["rows"])
+            + "."]
     lines += ["", f"Paper efficiency, for reference: {PAPER_EFFICIENCY}.", ""]
+    lines += _diagnostic_lines(report["rows"])
     g = report.get("goals", {})
     if "student_gain_over_supervised_ap" in g:
         lines.append(f"- Refined student vs supervised-only student: {g['student_gain_over_supervised_ap']:+.1f} AP "
@@ -93,6 +106,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- Adapted teacher (1b) vs zero-shot teacher: {g['teacher_gain_over_zero_shot_ap']:+.1f} AP.")
     lines += _wall_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _diagnostic_lines(rows: list[dict]) -> list[str]:
+    """The paper's diagnostics of the stages trained with L_pxl (last quarter of their steps)."""
+    with_pxl = [r for r in rows if "pxl_margin" in r]
+    if not with_pxl:
+        return []
+    lines = ["Contrastive diagnostics, mean over the last quarter of each stage's steps (the paper's "
+             "Proposition 3.1 asks p = 1 - FNR > 0.5):", "",
+             "| stage | empirical margin | sampler false-negative rate (FNR) | p = 1 - FNR |", "| --- | ---: | ---: | ---: |"]
+    for r in with_pxl:
+        fnr = r.get("pxl_false_negative_rate")
+        lines.append(f"| {r['name']} | {r['pxl_margin']:.3f} | {_fmt(fnr, 3)} | {_fmt(None if fnr is None else 1 - fnr, 3)} |")
+    return lines + [""]
 
 
 def _wall_lines(report: dict[str, Any]) -> list[str]:

@@ -4,12 +4,32 @@ instead). This module stays light: a teacher's classes are imported only when it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 # teacher.kind values served here, and the config keys of the folders each one reads.
 FOUNDATION_TEACHERS = {"gdino-sam2": ("grounding_dino_dir", "sam_dir"), "gdino-sam": ("grounding_dino_dir", "sam_dir")}
+
+
+@dataclass
+class ZeroShotSettings:
+    """How a foundation-model teacher turns its outputs into instances; declared and checked here
+    once for the run config (cast.config.TeacherConfig) and the teachers' own settings."""
+
+    box_threshold: float = 0.3  # a detection is kept when its best class score exceeds this
+    text_threshold: float = 0.25  # ... and reaches this (Grounding-DINO's phrase rule)
+    mask_threshold: float = 0.5  # mask probabilities are binarised here
+    max_instances: int = 100  # per image, best first
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, problem) for every value out of range."""
+        found = [(key, f"must be in [0, 1], got {getattr(self, key)}")
+                 for key in ("box_threshold", "text_threshold", "mask_threshold") if not 0 <= getattr(self, key) <= 1]
+        if self.max_instances < 1:
+            found.append(("max_instances", f"must be >= 1, got {self.max_instances}"))
+        return found
 
 
 def zero_shot_teacher(teacher: Any, classes: Sequence[str], projection_stride: int) -> torch.nn.Module:

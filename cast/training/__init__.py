@@ -1,5 +1,2 @@
-"""The training engine: one trainer for every CAST stage, with resumable checkpoints, DDP,
-metrics and plots."""
-from cast.training.trainer import NonFiniteLossError, Objective, TrainData, Trainer
-
-__all__ = ["NonFiniteLossError", "Objective", "TrainData", "Trainer"]
+"""The training engine: one trainer for every CAST stage (the unified objective in `objective`),
+with resumable checkpoints, DDP, metrics and plots."""

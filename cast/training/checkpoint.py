@@ -45,36 +45,6 @@ class CheckpointReadError(OSError):
         return str(self.args[0])
 
 
-class SettingsChangedError(ValueError):
-    """Saved training work (a checkpoint, a finished stage) was made with other settings than the
-    run now asks for: it is neither resumed nor reused, and nothing is overwritten."""
-
-
-def require_same_settings(recorded: dict[str, Any] | None, wanted: dict[str, Any], where: str | Path,
-                          made: str) -> None:
-    """Raise SettingsChangedError naming every change when `recorded` (what `where` was `made`
-    under) differs from `wanted`."""
-    changes = settings_changes(recorded, wanted)
-    if changes:
-        raise SettingsChangedError(f"{where}: {made} under other settings ({'; '.join(changes)}); run under "
-                                   "another name, or delete that folder to start it again")
-
-
-def settings_changes(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every setting that differs (one level of nesting spelled out)."""
-    if recorded is None:
-        return ["no record of its settings (made by an older version)"]
-    changes = []
-    for key in sorted(set(recorded) | set(wanted)):
-        old, new = recorded.get(key), wanted.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        elif old != new:
-            changes.append(f"{key}: {old!r} -> {new!r}")
-    return changes
-
-
 @dataclass
 class Checkpoint:
     step: int

@@ -4,7 +4,7 @@ The stream is an endless sequence of epochs; epoch e visits the data in the orde
 randperm(N, seed, e). Global micro-batch g holds stream positions [g*B, (g+1)*B) and rank r
 takes every world_size-th of them, so the union over ranks is the same global batch a single
 process would see. Each element is passed to the dataset as an (epoch, index) key (as
-cast.data.loader.InstanceTorchDataset takes it), and its augmentation is a pure function of
+cast.data.batches.InstanceTorchDataset takes it), and its augmentation is a pure function of
 (seed, epoch, index): resuming at micro-batch g reproduces
 exactly the batches an uninterrupted run would have drawn.
 """

@@ -53,3 +53,18 @@ class MetricsLogger:
             if e.errno is None or e.filename is not None:
                 raise
             raise OSError(e.errno, e.strerror, str(self.path)) from e
+
+
+def diagnostics_summary(path: str | Path, tail: float = 0.25) -> dict[str, float]:
+    """The contrastive diagnostics of a stage (empirical margin, sampler false-negative rate), each
+    averaged over its parts (labeled / unlabeled) and the last `tail` of the logged steps; {} when
+    the stage had no L_pxl."""
+    records = read_metrics(path)
+    summary = {}
+    for name, prefix in (("pxl_margin", "pxl_margin_"), ("pxl_false_negative_rate", "pxl_false_negative_rate_")):
+        logged = [r for r in records if any(k.startswith(prefix) and r[k] is not None for k in r)]
+        last = logged[int(len(logged) * (1 - tail)):]
+        values = [r[k] for r in last for k in r if k.startswith(prefix) and r[k] is not None]
+        if values:
+            summary[name] = sum(values) / len(values)
+    return summary

@@ -1,59 +1,72 @@
-"""Loss / AP figures written next to the metrics (matplotlib, headless Agg backend)."""
+"""Figures written next to the metrics: loss and AP curves, the contrastive diagnostics, the
+report's AP bars. Each is drawn on its own matplotlib Figure and saved with savefig, which needs
+no pyplot and no global backend: importing this module changes nothing for a notebook's figures."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from cast.training.metrics import read_metrics
+from cast.utils.io import atomic_save
 
-from cast.training.metrics import read_metrics  # noqa: E402
-from cast.utils.io import atomic_save  # noqa: E402
+# Contrastive diagnostics the trainer logs per part (labeled / unlabeled), with their axis labels.
+DIAGNOSTICS = {"pxl_margin": "empirical margin (neg - pos distance)",
+               "pxl_false_negative_rate": "sampler false-negative rate"}
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> Path:
     atomic_save(path, lambda p: fig.savefig(p, dpi=100, bbox_inches="tight", format="png"))
-    plt.close(fig)
+    return path
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list, list]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return tuple(zip(*points)) if points else ((), ())
 
 
 def plot_training_curves(metrics_path: str | Path, out_dir: str | Path, title: str = "") -> list[Path]:
-    """loss.png (every `loss*` series against the step) and, when the run evaluated during
-    training, ap.png. Returns the written paths."""
+    """loss.png (every `loss*` series against the step), diagnostics.png (the contrastive loss's
+    empirical margin and false-negative rate, when the stage had L_pxl) and, when the stage
+    evaluated during training, ap.png. Returns the written paths."""
     records = read_metrics(metrics_path)
     out_dir = Path(out_dir)
     written = []
     loss_keys = sorted({k for r in records for k in r if k.startswith("loss") and r[k] is not None})
     if loss_keys:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for key in loss_keys:
-            pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            ax.plot(*zip(*pts), label=key, linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.set_title(f"{title} losses".strip())
+            ax.plot(*_series(records, key), label=key, linewidth=1)
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"{title} losses".strip())
         ax.legend(fontsize=7)
-        _save(fig, out_dir / "loss.png")
-        written.append(out_dir / "loss.png")
-    ap = [(r["step"], r["val_AP"]) for r in records if r.get("val_AP") is not None]
-    if ap:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(*zip(*ap), marker="o")
-        ax.set_xlabel("step")
-        ax.set_ylabel("val mask AP")
-        ax.set_title(f"{title} AP".strip())
-        _save(fig, out_dir / "ap.png")
-        written.append(out_dir / "ap.png")
+        written.append(_save(fig, out_dir / "loss.png"))
+    present = [d for d in DIAGNOSTICS if any(k.startswith(d) for r in records for k in r)]
+    if present:
+        fig = Figure(figsize=(6, 3.2 * len(present)))
+        for ax, diagnostic in zip(fig.subplots(len(present), 1, squeeze=False)[:, 0], present):
+            for key in sorted({k for r in records for k in r if k.startswith(diagnostic)}):
+                ax.plot(*_series(records, key), label=key.removeprefix(f"{diagnostic}_"), linewidth=1)
+            ax.set(xlabel="step", ylabel=DIAGNOSTICS[diagnostic])
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{title} contrastive diagnostics".strip())
+        written.append(_save(fig, out_dir / "diagnostics.png"))
+    ap = _series(records, "val_AP")
+    if ap[0]:
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
+        ax.plot(*ap, marker="o")
+        ax.set(xlabel="step", ylabel="val mask AP", title=f"{title} AP".strip())
+        written.append(_save(fig, out_dir / "ap.png"))
     return written
 
 
 def plot_report(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Bar chart of AP and AP50 per model of the report table."""
-    path = Path(path)
     names = [r["name"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.3), 4))
+    fig = Figure(figsize=(max(6, len(rows) * 1.3), 4))
+    ax = fig.subplots()
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["AP"] or 0 for r in rows], width=0.4, label="AP")
     ax.bar([x + 0.2 for x in xs], [r["AP50"] or 0 for r in rows], width=0.4, label="AP50")
@@ -61,5 +74,4 @@ def plot_report(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("mask AP (val)")
     ax.legend()
-    _save(fig, path)
-    return path
+    return _save(fig, Path(path))

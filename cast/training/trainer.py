@@ -25,14 +25,16 @@ from tqdm.auto import tqdm
 
 from cast.config import LossConfig, TrainConfig
 from cast.models.outputs import SegmentationOutput
+from cast.models.protocol import unwrap
 from cast.training.checkpoint import (CheckpointReadError, CheckpointWriteError, load_checkpoint, load_weights,
-                                      require_same_settings, rng_state, save_checkpoint, save_model_dir, seed_all,
-                                      set_rng_state, unwrap)
+                                      rng_state, save_checkpoint, save_model_dir, seed_all, set_rng_state)
 from cast.training.data import batch_stream
-from cast.training.distributed import DistContext, all_ranks_true, barrier, broadcast_object, mean_over_ranks
+from cast.utils.distributed import DistContext, all_ranks_true, barrier, broadcast_object, mean_over_ranks
 from cast.training.metrics import MetricsLogger
+from cast.training.objective import Objective, weighted_sum
 from cast.training.optim import build_optimizer, build_scheduler
 from cast.training.plots import plot_training_curves
+from cast.utils.cache import require_same_settings
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,18 +42,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass
-class Objective:
-    """The weights of the unified objective for one stage (L_sup always has weight 1)."""
-
-    lambda_semi: float = 0.0
-    lambda_pxl: float = 0.0
-
-
-@dataclass
 class TrainData:
-    """What a stage trains on: labeled samples, optionally pseudo-labeled unlabeled ones.
+    """What a stage trains on: labeled samples and, when its objective reads them, the unlabeled
+    ones (pseudo-labeled for L_semi).
 
-    Both datasets follow cast.data.loader.InstanceTorchDataset: `[(epoch, index)]` -> one item
+    Both datasets follow cast.data.batches.InstanceTorchDataset: `[(epoch, index)]` -> one item
     (its augmentation a function of seed, epoch and index) that `collate_fn` turns into the
     batch dict of cast.structures.
     Batch sizes are global (summed over processes).
@@ -105,6 +100,8 @@ class Trainer:
             raise ValueError(f"stage {stage}: lambda_pxl={objective.lambda_pxl} needs a contrastive loss")
         if objective.lambda_semi > 0 and data.unlabeled is None:
             raise ValueError(f"stage {stage}: lambda_semi={objective.lambda_semi} needs pseudo-labeled data")
+        if data.unlabeled is not None and not objective.reads_unlabeled:
+            raise ValueError(f"stage {stage}: lambda_semi = lambda_pxl = 0 reads no unlabeled images; pass none")
         self.model, self.stage, self.cfg, self.objective = model, stage, cfg, objective
         self.data, self.ctx, self.seed = data, ctx, seed
         self.contrastive, self.evaluate, self.on_step_end = contrastive, evaluate, on_step_end
@@ -112,8 +109,9 @@ class Trainer:
         self.stage_dir = Path(stage_dir)
         self.checkpoint_dir = self.stage_dir / "checkpoints"
         self.logger = MetricsLogger(self.stage_dir / "metrics.jsonl", enabled=ctx.is_main)
-        # The unlabeled stream only runs when something uses it.
-        self.use_unlabeled = data.unlabeled is not None and (objective.lambda_semi > 0 or objective.lambda_pxl > 0)
+        self.use_unlabeled = data.unlabeled is not None
+        self.weights = objective.term_weights(data.labeled_batch_size,
+                                              data.unlabeled_batch_size if self.use_unlabeled else None)
         amp = cfg.amp if ctx.device.type == "cuda" else "none"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
@@ -246,38 +244,21 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
-        sums["loss"] = sum(self._weight(k) * v for k, v in sums.items() if k.startswith("loss_"))
+        sums["loss"] = weighted_sum(sums, self.weights)
         sums["grad_norm"] = float(grad_norm)
         return sums
-
-    def _weight(self, term: str) -> float:
-        if term == "loss_sup":
-            return 1.0
-        if term == "loss_semi":
-            return self.objective.lambda_semi
-        return self.objective.lambda_pxl * self._pixel_share(term.rsplit("_", 1)[-1])
-
-    def _pixel_share(self, part: str) -> float:
-        # L_pxl is a mean over the pixels of D_l u D_u: weight each part by its batch share.
-        if not self.use_unlabeled:
-            return 1.0
-        b_l, b_u = self.data.labeled_batch_size, self.data.unlabeled_batch_size
-        return (b_l if part == "labeled" else b_u) / (b_l + b_u)
 
     def _part_loss(self, net: torch.nn.Module, part: str, batch: dict, step: int,
                    micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
         """Weighted loss of one micro-batch, its unweighted terms, and contrastive diagnostics."""
         term = "loss_sup" if part == "labeled" else "loss_semi"
-        weight = 1.0 if part == "labeled" else self.objective.lambda_semi
-        targets = batch["targets"] if weight > 0 else None
+        targets = batch["targets"] if self.weights[term] > 0 else None
         out = net(batch["pixel_values"], batch["pixel_mask"], targets)
         terms: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=self.ctx.device)
         if targets is not None:
             if out.loss is None:
                 raise RuntimeError(f"stage {self.stage}: {type(unwrap(net)).__name__} returned no loss for targets")
             terms[term] = out.loss
-            total = total + weight * out.loss
         diagnostics: dict[str, float] = {}
         if self.objective.lambda_pxl > 0:
             if out.embeddings is None:
@@ -294,12 +275,12 @@ class Trainer:
                                  pixel_mask=batch["pixel_mask"], progress=step / max(self.cfg.steps, 1),
                                  instance_ids=batch.get("instance_ids"), generator=gen)
             terms[f"loss_pxl_{part}"] = c.loss
-            total = total + self.objective.lambda_pxl * self._pixel_share(part) * c.loss
             diagnostics = {f"pxl_temperature_{part}": float(c.temperature), f"pxl_margin_{part}": float(c.margin)}
             if c.false_negative_rate is not None:  # only measurable when the batch has instance ids
                 diagnostics[f"pxl_false_negative_rate_{part}"] = float(c.false_negative_rate)
         # DDP expects every output to reach the loss (else it waits for gradients of e.g. the
         # projection head when lambda_pxl = 0): add them with weight 0.
+        total = torch.zeros((), device=self.ctx.device) + weighted_sum(terms, self.weights)
         total = total + 0.0 * sum(t.float().mean() for t in _output_tensors(out))
         terms["total"] = total
         return total, terms, diagnostics

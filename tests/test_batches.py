@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from cast.data.views import EvalTransform, WeakStrongViews
+from cast.data.batches import EvalTransform, WeakStrongViews
 from cast.structures import InstanceSample
 
 COLOURS = np.array([[230, 30, 30], [30, 220, 40], [40, 60, 240]], np.uint8)

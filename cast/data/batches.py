@@ -1,9 +1,15 @@
-"""Training views of a sample: a weak (geometric) view and a strong view = weak + photometric only.
+"""From samples to batches: the training views of a sample (`WeakStrongViews`), its evaluation
+view (`EvalTransform`), a torch Dataset over any sequence of samples and the collate function
+that builds the batch dict documented in `cast.structures`.
 
-Because the strong view only changes colours, pixel (y, x) shows the same place in both views,
-which is what the pixel-wise contrastive loss pairs up. All randomness is drawn from
+Views: a weak (geometric) view and a strong view = weak + photometric only. Because the strong
+view only changes colours, pixel (y, x) shows the same place in both views, which is what the
+pixel-wise contrastive loss pairs up. All randomness is drawn from
 ``np.random.default_rng([seed, epoch, index])``: a sample's views depend on nothing else, so a
-batch is the same with any number of loader workers and after a resumed run.
+batch is the same with any number of loader workers and after a resumed run (the training
+stream, cast.training.data, hands out (epoch, index) keys). Views are computed with one
+intra-op thread everywhere, as DataLoader workers do: some torch kernels (bilinear upsampling,
+reductions) round differently with more threads.
 
 Each transform maps an `InstanceSample` to a dict:
     weak          (3, h, w) float32 in [0, 1]
@@ -18,6 +24,8 @@ Each transform maps an `InstanceSample` to a dict:
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +33,7 @@ import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from cast.structures import InstanceSample
 
@@ -212,3 +221,82 @@ class EvalTransform:
         rows, cols = _nearest(h, out_size[0], 0, out_size[0]), _nearest(w, out_size[1], 0, out_size[1])
         planes = _label_planes(sample, rows, cols)
         return _views_dict(sample, {"weak": image}, planes, torch.ones(out_size, dtype=torch.bool))
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class InstanceTorchDataset(Dataset):
+    """Views of `samples[i]` drawn by `transform` with randomness fixed by (seed, epoch, i).
+
+    An item is an (epoch, index) pair, as the training stream (cast.training.data) yields it, or
+    an index alone (epoch 0), as evaluation asks for it.
+    """
+
+    def __init__(self, samples: Sequence[InstanceSample], transform: SampleTransform, seed: int = 0) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        sample = self.samples[index]
+        with _one_thread():  # the same rounding in the main process as in a worker
+            return self.transform(sample, seed=self.seed, epoch=epoch, index=index)
+
+
+def _round_up(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor
+
+
+def collate_instances(items: Sequence[dict[str, Any]], size_divisibility: int = 32) -> dict[str, Any]:
+    """Pad views to a common size (rounded up to `size_divisibility`) and build the batch dict.
+
+    The keys are those documented at the bottom of `cast.structures`; "pixel_values_strong"
+    is present only when every item carries a strong view.
+    """
+    if len(items) == 0:
+        raise ValueError("collate_instances: empty batch")
+    if size_divisibility < 1:
+        raise ValueError(f"collate_instances: size_divisibility must be >= 1, got {size_divisibility}")
+    with_strong = sum("strong" in item for item in items)
+    if 0 < with_strong < len(items):
+        raise ValueError(f"collate_instances: {with_strong} of {len(items)} items have a strong view; "
+                         "a batch needs all or none")
+    sizes = [tuple(item["weak"].shape[-2:]) for item in items]
+    height = _round_up(max(h for h, _ in sizes), size_divisibility)
+    width = _round_up(max(w for _, w in sizes), size_divisibility)
+    batch_size = len(items)
+
+    pixel_values = torch.zeros(batch_size, 3, height, width)
+    strong = torch.zeros(batch_size, 3, height, width) if with_strong else None
+    pixel_mask = torch.zeros(batch_size, height, width, dtype=torch.bool)
+    instance_ids = torch.full((batch_size, height, width), -1, dtype=torch.int64)
+    targets = []
+    for b, (item, (h, w)) in enumerate(zip(items, sizes)):
+        pixel_values[b, :, :h, :w] = item["weak"]
+        if strong is not None:
+            strong[b, :, :h, :w] = item["strong"]
+        pixel_mask[b, :h, :w] = item["valid"]
+        instance_ids[b, :h, :w] = item["instance_ids"]
+        masks = torch.zeros(item["masks"].shape[0], height, width)
+        masks[:, :h, :w] = item["masks"]
+        targets.append({"masks": masks, "labels": item["labels"].to(torch.int64)})
+
+    batch = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "targets": targets,
+             "instance_ids": instance_ids, "image_ids": [int(item["image_id"]) for item in items],
+             "image_sizes": [(int(h), int(w)) for h, w in sizes],
+             "orig_sizes": [(int(item["orig_size"][0]), int(item["orig_size"][1])) for item in items]}
+    if strong is not None:
+        batch["pixel_values_strong"] = strong
+    return batch

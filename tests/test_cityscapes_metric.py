@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cast.evaluation.cityscapes_eval import evaluate_cityscapes, instances_from_label_map
+from cast.evaluation.cityscapes import evaluate_cityscapes, instances_from_label_map
 from cast.structures import Instances
 
 

@@ -12,22 +12,23 @@ import copy
 import io
 import json
 import os
+import tempfile
+from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cast.data.cityscapes import CITYSCAPES_THING_IDS, GT_SUFFIX, IMAGE_SUFFIX, gt_path
+from cast.data.dataset import InstanceDataset
+from cast.evaluation.coco import decode_results
 from cast.structures import Instances
-
-# Contiguous student labels 0..7 -> Cityscapes label ids of the 8 thing classes.
-CITYSCAPES_LABEL_IDS = (24, 25, 26, 27, 28, 31, 32, 33)
-GT_SUFFIX = "_gtFine_instanceIds.png"
 
 
 def write_predictions(predictions: dict[str, Instances], pred_dir: str | Path,
-                      label_ids: Sequence[int] = CITYSCAPES_LABEL_IDS) -> None:
+                      label_ids: Sequence[int] = CITYSCAPES_THING_IDS) -> None:
     """One `<stem>_pred.txt` per image listing `<mask png> <label id> <confidence>`, one PNG per
     instance. `predictions` maps the image stem (`<city>_<seq>_<frame>`) to its Instances."""
     pred_dir = Path(pred_dir)
@@ -108,9 +109,29 @@ def instances_from_label_map(instance_ids: np.ndarray) -> Instances:
     masks, labels = [], []
     for value in np.unique(instance_ids):
         label_id = int(value) // 1000
-        if value >= 1000 and label_id in CITYSCAPES_LABEL_IDS:
+        if value >= 1000 and label_id in CITYSCAPES_THING_IDS:
             masks.append(instance_ids == value)
-            labels.append(CITYSCAPES_LABEL_IDS.index(label_id))
+            labels.append(CITYSCAPES_THING_IDS.index(label_id))
     h, w = instance_ids.shape
     return Instances(torch.from_numpy(np.stack(masks) if masks else np.zeros((0, h, w), bool)),
                      torch.tensor(labels, dtype=torch.int64), torch.ones(len(labels)))
+
+
+def official_metric(val: InstanceDataset, results: list[dict[str, Any]], root: str | Path) -> dict:
+    """The official metric of COCO `results` (category ids = Cityscapes label ids, as
+    cast.data.cityscapes reads them) on the Cityscapes images of `val` under `root`."""
+    root = Path(root)
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_image[int(r["image_id"])].append(r)
+    gt_files, predictions = [], {}
+    for record in val.records:
+        found = by_image.get(record.image_id, [])
+        size = found[0]["segmentation"]["size"] if found else (1, 1)
+        masks, category_ids, scores = decode_results(found, int(size[0]), int(size[1]), source=str(record.path))
+        labels = [CITYSCAPES_THING_IDS.index(int(c)) for c in category_ids]
+        predictions[record.path.name[: -len(IMAGE_SUFFIX)]] = Instances(
+            torch.from_numpy(masks), torch.tensor(labels, dtype=torch.int64), torch.from_numpy(scores))
+        gt_files.append(gt_path(root, record.path))
+    with tempfile.TemporaryDirectory(prefix="cityscapes-eval-") as work_dir:
+        return evaluate_cityscapes(gt_files, predictions, work_dir)

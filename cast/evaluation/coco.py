@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -25,26 +24,43 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     return rle
 
 
-def instances_to_coco(instances: Instances | dict[str, Any], image_id: int,
-                      category_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """One image's predicted instances as COCO result dicts (RLE masks, original category ids).
-
-    `instances` is an Instances or a dict of masks (K, H, W) / labels (K,) / scores (K,), torch or
-    numpy; labels are contiguous indices into `category_ids`.
-    """
-    if isinstance(instances, Instances):
-        masks, labels, scores = instances.masks, instances.labels, instances.scores
-    else:
-        masks, labels, scores = instances["masks"], instances["labels"], instances["scores"]
-    masks, labels, scores = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-                             for x in (masks, labels, scores))
+def instances_to_results(instances: Instances, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """One image's predicted instances as COCO result dicts: compressed-RLE mask (counts as str),
+    original category id, score, and the mask's area and box. Labels are contiguous indices into
+    `category_ids`."""
+    masks, labels, scores = (x.detach().cpu().numpy() for x in (instances.masks, instances.labels, instances.scores))
     results = []
     for mask, label, score in zip(masks.astype(bool), labels, scores):
         if not 0 <= int(label) < len(category_ids):
             raise ValueError(f"image {image_id}: label {int(label)} is outside the {len(category_ids)} classes")
-        results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
-                        "segmentation": encode_mask(mask), "score": float(score)})
+        result = {"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+                  "segmentation": encode_mask(mask), "score": float(score)}
+        rle = rle_of(result)
+        result["area"] = int(mask_utils.area(rle))
+        result["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+        results.append(result)
     return results
+
+
+def rle_of(result: dict[str, Any]) -> dict[str, Any]:
+    """A result's (or annotation's) compressed RLE in the form pycocotools takes (counts as bytes)."""
+    counts = result["segmentation"]["counts"]
+    return {"size": result["segmentation"]["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def decode_results(results: Sequence[dict[str, Any]], height: int, width: int,
+                   source: str = "results") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(masks (K, H, W) bool, category ids (K,), scores (K,)) of one image's COCO results, in
+    their order; a mask of another size than (height, width) is refused, naming `source`."""
+    if not results:
+        return np.zeros((0, height, width), bool), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    for r in results:
+        seg = r["segmentation"]
+        if not isinstance(seg, dict) or [int(v) for v in seg.get("size", ())] != [height, width]:
+            raise ValueError(f"{source}: image {r['image_id']}: segmentation is not an RLE of size {(height, width)}")
+    masks = mask_utils.decode([rle_of(r) for r in results]).transpose(2, 0, 1).astype(bool)
+    return (masks, np.array([int(r["category_id"]) for r in results], np.int64),
+            np.array([float(r.get("score", 1.0)) for r in results], np.float32))
 
 
 def save_results(results: list[dict[str, Any]], path: str | Path) -> None:
