@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cast.losses.contrastive import PixelContrastiveLoss
 from cast.training import checkpoint as ckpt_mod
 from cast.training.checkpoint import CheckpointWriteError, load_checkpoint, load_weights, save_checkpoint
 from cast.utils.cache import SettingsChangedError, settings_changes
@@ -101,6 +102,7 @@ def test_injected_crash_then_resume_gives_identical_weights(tmp_path):
     torch.manual_seed(0)
     crashing = make_trainer(tmp_path / "run", steps=7, objective=OBJECTIVE, checkpoint_every=3)
     crashing.on_step_end = _crash_at(5)  # dies two steps after the step-3 checkpoint
+    assert type(crashing.contrastive) is PixelContrastiveLoss  # the real debiased sampler draws negatives
     with pytest.raises(Crash):
         crashing.fit()
     assert load_checkpoint(tmp_path / "run" / "checkpoints").step == 3
@@ -110,6 +112,7 @@ def test_injected_crash_then_resume_gives_identical_weights(tmp_path):
     _assert_same_weights(resumed, reference)
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert steps == list(range(1, 8))
+    assert all(r["loss_pxl_unlabeled"] > 0 for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
     ref_losses = [r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
     run_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert ref_losses == run_losses

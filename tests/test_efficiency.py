@@ -33,3 +33,44 @@ def test_student_profile_fields_are_sane():
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="repeats"):
         profile_model(nn.Identity(), repeats=0)
+
+
+class Sleeper(nn.Module):
+    """A forward pass of known duration and known working memory."""
+
+    def __init__(self, seconds: float = 0.0, megabytes: int = 0) -> None:
+        super().__init__()
+        self.seconds, self.megabytes = seconds, megabytes
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.seconds)
+        if self.megabytes:
+            buffer = torch.ones(self.megabytes * 2**18)  # float32: 4 bytes each, every page touched
+            return pixel_values * self.scale + buffer[:1]
+        return pixel_values * self.scale
+
+
+def test_latency_and_memory_measure_what_the_forward_does():
+    slow = profile_model(Sleeper(seconds=0.05), input_size=(8, 8), warmup=1, repeats=3)
+    assert slow["latency_ms"] >= 49.0 and slow["fps"] == pytest.approx(1e3 / slow["latency_ms"])
+    fast = profile_model(Sleeper(), input_size=(8, 8), warmup=1, repeats=3)
+    assert fast["latency_ms"] < slow["latency_ms"] - 40
+    hungry = profile_model(Sleeper(megabytes=96), input_size=(8, 8), warmup=1, repeats=2)
+    if hungry["peak_mem_source"] == "cpu_peak_rss":  # the peak over the passes themselves
+        assert hungry["peak_mem_mb"] >= 80
+
+
+def test_parameters_are_counted_once_and_flops_scale_with_the_work():
+    shared = nn.Linear(16, 16)
+    tied = nn.Sequential(shared, nn.ReLU(), shared)  # one weight used twice: counted once, run twice
+    profile = profile_model(tied, input_size=(16, 16), batch_size=1, warmup=0, repeats=1)
+    assert profile["params_m"] * 1e6 == 16 * 16 + 16
+    # (1, 3, 16, 16) -> the last dim (16) through a 16x16 linear, twice: 2 * 2 FLOPs per multiply-add.
+    assert profile["gflops"] * 1e9 == 2 * 2 * (3 * 16) * 16 * 16
+    model = build_student("cast-tiny", num_classes=2)
+    small = forward_flops(model, torch.rand(1, 3, 64, 64))
+    assert forward_flops(model, torch.rand(2, 3, 64, 64)) == 2 * small  # batch doubles the work exactly
+    assert forward_flops(model, torch.rand(1, 3, 128, 128)) > 3 * small  # four times the pixels

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 
 from cast.config import TrainConfig
+from cast.losses.contrastive import PixelContrastiveLoss
 from cast.models.outputs import SegmentationOutput
 from cast.structures import Instances
 from cast.training.checkpoint import load_checkpoint
@@ -164,7 +165,7 @@ def make_trainer(tmp: Path, steps: int = 6, objective: Objective = Objective(), 
     data = TrainData(labeled=TinyDataset(10, seed=1), labeled_batch_size=4, collate_fn=collate,
                      unlabeled=TinyDataset(7, seed=2) if objective.reads_unlabeled else None, unlabeled_batch_size=2)
     if contrastive is None and objective.lambda_pxl > 0:
-        contrastive = TinyContrastive()
+        contrastive = PixelContrastiveLoss(num_negatives=8)  # the real loss and its debiased sampler
     return Trainer(model or TinySegModel(), "teacher_adaptation", cfg, objective, data, tmp, seed=3,
                    contrastive=contrastive)
 

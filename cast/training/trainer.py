@@ -127,7 +127,7 @@ class Trainer:
         start = self._resume(model, optimizer, scheduler)
         self.logger.truncate_after(start)
         net = model
-        if ctx.distributed:
+        if ctx.distributed and torch.distributed.is_initialized():
             # Unused parameters: the projection head gets no gradient when lambda_pxl = 0.
             net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                           find_unused_parameters=True)
