@@ -88,6 +88,7 @@ class TeacherConfig:
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # StudentConfig fields to replace
     grounding_dino_dir: str | None = None  # local from_pretrained folders of the VFM teacher
     sam_dir: str | None = None
+    sam3_dir: str | None = None  # kind=sam3: a facebook/sam3 folder; box_threshold is its instance-score threshold
     box_threshold: float = 0.3
     text_threshold: float = 0.25
     mask_threshold: float = 0.5

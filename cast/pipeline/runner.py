@@ -146,9 +146,9 @@ class TeacherSource:
         """An adapted teacher saved by a stage."""
         if self.cfg.teacher.kind == "standin":
             return CastStudent.from_pretrained(model_dir)
-        from cast.teachers.vfm import GroundingDinoSamTeacher
+        from cast.models.auto import model_class, model_type_of  # the teacher class its config.json names
 
-        return GroundingDinoSamTeacher.from_pretrained(model_dir)
+        return model_class(model_type_of(model_dir)).from_pretrained(model_dir)
 
 
 # --------------------------------------------------------------------------- evaluation
