@@ -100,6 +100,7 @@ def gdino_sam2_dirs(tmp_path_factory) -> tuple[Path, Path]:
                                                                                                         SEED)
 
 
+@pytest.mark.slow
 def test_grounding_dino_sam2_teacher_matches_transformers_pipeline(gdino_sam2_dirs):
     gdino_dir, sam2_dir = gdino_sam2_dirs
     # Short side 800 (longest <= 1333): Grounding-DINO's processor keeps the size; one padded batch.
@@ -146,6 +147,7 @@ def sam3_dir(tmp_path_factory) -> Path:
     return write_sam3_folder(tmp_path_factory.mktemp("sam3"), SAM3_CLASSES, SEED)
 
 
+@pytest.mark.slow
 def test_sam3_teacher_matches_transformers_pipeline(sam3_dir):
     # The first photo at SAM 3's input size (the processor's resize is the identity), the second
     # non-square, padded into the batch, stretched to 1008 x 1008 by both.
