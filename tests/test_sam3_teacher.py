@@ -239,3 +239,12 @@ def test_save_load_round_trip_parameter_groups_and_clear_errors(sam3_dir, tmp_pa
         Sam3Settings(CLASSES, score_threshold=1.5).validate()
     with pytest.raises(ValueError, match="more than the 32 tokens"):
         Sam3Teacher(Sam3Settings([" ".join(["disc"] * 40)]), teacher.sam3, teacher.tokenizer)
+
+
+def test_the_cityscapes_config_with_sam3_as_teacher_is_valid():
+    from cast.config import load_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "cityscapes_10pct_sam3.yaml"
+    cfg = load_config(config, check_paths=False)  # the model folders exist on a GPU machine only
+    assert (cfg.teacher.kind, cfg.teacher.sam3_dir, cfg.student.preset) == ("sam3", "models/sam3", "cast-s")
+    assert cfg.data.kind == "cityscapes" and cfg.data.labeled_fraction == pytest.approx(0.1)
