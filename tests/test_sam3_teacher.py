@@ -248,3 +248,19 @@ def test_the_cityscapes_config_with_sam3_as_teacher_is_valid():
     cfg = load_config(config, check_paths=False)  # the model folders exist on a GPU machine only
     assert (cfg.teacher.kind, cfg.teacher.sam3_dir, cfg.student.preset) == ("sam3", "models/sam3", "cast-s")
     assert cfg.data.kind == "cityscapes" and cfg.data.labeled_fraction == pytest.approx(0.1)
+
+
+def test_a_sam3_video_folder_serves_as_well(sam3_dir, tmp_path):
+    """facebook/sam3 itself is a "sam3_video" folder (detector + tracker, detector weights under
+    "detector_model."): the teacher takes its detector."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Sam3VideoConfig
+
+    image = Sam3Model.from_pretrained(sam3_dir)
+    Sam3VideoConfig(detector_config=image.config.to_dict()).save_pretrained(tmp_path)
+    weights = load_file(str(sam3_dir / "model.safetensors"))
+    save_file({f"detector_model.{k}": v for k, v in weights.items()}, str(tmp_path / "model.safetensors"))
+    clip_like_tokenizer(CLASSES).save_pretrained(str(tmp_path))
+    teacher = Sam3Teacher.from_hub_folder(tmp_path, classes=CLASSES)
+    for name, tensor in image.state_dict().items():
+        assert torch.equal(teacher.sam3.state_dict()[name], tensor), name
