@@ -1,4 +1,4 @@
-"""Efficiency of the student against the foundation-model teacher (the paper's efficiency figure),
+"""Efficiency of the student against the foundation-model teachers (the paper's efficiency figure),
 and of every student preset; writes benchmarks/results/models.json.
 
 Student vs teacher: "cast-s" against Grounding-DINO-L + SAM2-L built at full size from
@@ -11,15 +11,22 @@ box; for the student, its forward and post-processing). Parameters, GFLOPs of th
 latency, FPS, peak memory, and the ratios next to the paper's: 568 M -> 52 M parameters
 (10.9x), 880 -> 200 GFLOPs (4.4x), 2.85 -> 13.0 FPS (4.56x; goal: at least that).
 
-Presets: every student preset's forward at its own setting ("cast-s", "cast-r50" at 512x1024
-batch 1; the small presets at the CPU demo's 128x128, batch 8).
+SAM 3 beside them: `cast.teachers.sam3.random_sam3_teacher(size="paper")` (facebook/sam3's
+architecture, 840 M, random weights) on the same images, from image to instances: every image
+stretched to SAM 3's 1008 x 1008 input, its vision encoder once, then one text prompt per class
+(8 Cityscapes things) through the DETR encoder / decoder and the mask decoder, masks of the kept
+instances at the image's size. Rows: its parameters, GFLOPs and FPS against cast-s and against
+Grounding-DINO-L + SAM2-L.
+
+Presets: every student preset's forward at its own setting ("cast-s", "cast-s-dinov3", "cast-r50" at
+512x1024 batch 1; the small presets at the CPU demo's 128x128, batch 8).
 
 GFLOPs count a multiply-add as 2 FLOPs, matmuls / convolutions / attention only (FlopCounterMode;
 deformable attention's grid sampling is not counted); the paper does not say which convention it
 uses, so the json also gives GMACs = GFLOPs / 2. See cast/efficiency.py for latency and memory.
 
-    python benchmarks/bench_models.py [--presets cast-s demo-student] [--repeats 5]
-    python benchmarks/bench_models.py --quick             # cast-tiny vs the tiny teacher, 64x64
+    python benchmarks/bench_models.py [--presets cast-s demo-student] [--teachers gdino-sam2 sam3] [--repeats 5]
+    python benchmarks/bench_models.py --quick             # cast-tiny vs the tiny teachers, 64x64
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ NAME = "models"
 # preset -> (input size, batch size)
 SETTINGS = {
     "cast-s": ((512, 1024), 1),
+    "cast-s-dinov3": ((512, 1024), 1),
     "cast-r50": ((512, 1024), 1),
     "demo-teacher": ((128, 128), 8),
     "demo-student": ((128, 128), 8),
@@ -49,6 +57,7 @@ CLASSES = ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bic
 PAPER = {"teacher_params_m": 568.0, "student_params_m": 52.0, "teacher_gflops": 880.0, "student_gflops": 200.0,
          "teacher_fps": 2.85, "student_fps": 13.0}
 PAPER_FPS_RATIO = 4.56  # the paper's 350.9 ms / 76.9 ms
+TEACHERS = ("gdino-sam2", "sam3")
 
 
 class Predict(nn.Module):
@@ -74,18 +83,30 @@ def profile(model: nn.Module, size: tuple[int, int], batch: int, device: torch.d
     return result
 
 
-def student_vs_teacher(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[dict]]:
-    from cast.teachers.vfm import random_teacher  # the VFM stack is only imported here
+def build_teacher(kind: str, size: str) -> nn.Module:
+    """A foundation-model teacher with random weights; the VFM stack is only imported here."""
+    if kind == "sam3":
+        from cast.teachers.sam3 import random_sam3_teacher
 
+        return random_sam3_teacher(CLASSES, size=size)
+    from cast.teachers.vfm import random_teacher
+
+    return random_teacher(CLASSES, size=size)
+
+
+def student_vs_teacher(args: argparse.Namespace, device: torch.device) -> tuple[dict, list[dict]]:
     size = tuple(args.size)
-    # The full-size teacher takes about a minute per image on a 2-core CPU: fewer passes there.
+    # The full-size teachers take a minute or more per image on a 2-core CPU: fewer passes there.
     slow = device.type == "cpu" and not args.quick
     warmup, repeats = (1, min(args.repeats, 3)) if slow else (args.warmup, args.repeats)
-    torch.manual_seed(0)
-    models = {"student": Predict(build_student(args.student, len(CLASSES), CLASSES)),
-              "teacher": Predict(random_teacher(CLASSES, size=args.teacher_size))}
+    roles = {"student": lambda: build_student(args.student, len(CLASSES), CLASSES),
+             "teacher": lambda: build_teacher("gdino-sam2", args.teacher_size),
+             "sam3": lambda: build_teacher("sam3", args.teacher_size)}
+    wanted = ["student"] + [{"gdino-sam2": "teacher", "sam3": "sam3"}[kind] for kind in args.teachers]
     results = {}
-    for role, model in models.items():
+    for role in wanted:
+        torch.manual_seed(0)
+        model = Predict(roles[role]())
         results[role] = {**profile(model, size, 1, device, args, warmup, repeats), "instances": model.instances}
         model.cpu()
         r = results[role]
@@ -93,20 +114,46 @@ def student_vs_teacher(args: argparse.Namespace, device: torch.device) -> tuple[
               f"{r['latency_ms']:9.1f} ms, {r['fps']:6.2f} FPS, peak {r['peak_mem_mb']:.0f} MiB, "
               f"{r['instances']} instances", flush=True)
         del model
-    student, teacher = results["student"], results["teacher"]
-    case = (f"{device.type} {precision(device, args.amp)}, {args.student} vs GDINO-L+SAM2-L "
-            f"{'(tiny test config) ' if args.teacher_size == 'tiny' else ''}{size[0]}x{size[1]} batch 1")
-    ratio = teacher["latency_ms"] / student["latency_ms"]
-    summary = [
-        summary_row(NAME, case, "parameters M (teacher/ours; paper 568/52 = 10.9x)", student["params_m"],
-                    teacher["params_m"], teacher["params_m"] / student["params_m"]),
-        summary_row(NAME, case, "GFLOPs (teacher/ours; paper 880/200 = 4.4x)", student["gflops"],
-                    teacher["gflops"], teacher["gflops"] / student["gflops"]),
-        summary_row(NAME, case, "FPS, image -> instances (ours/teacher; paper 13.0/2.85)", student["fps"],
-                    teacher["fps"], ratio, f">= {PAPER_FPS_RATIO}x (paper)", ratio >= PAPER_FPS_RATIO),
-        summary_row(NAME, case, "peak memory MiB (teacher/ours)", student["peak_mem_mb"], teacher["peak_mem_mb"],
-                    teacher["peak_mem_mb"] / max(student["peak_mem_mb"], 1e-3)),
-    ]
+    student = results["student"]
+    tiny = "(tiny test config) " if args.teacher_size == "tiny" else ""
+    where = f"{device.type} {precision(device, args.amp)}"
+    summary = []
+    if "teacher" in results:
+        teacher = results["teacher"]
+        case = f"{where}, {args.student} vs GDINO-L+SAM2-L {tiny}{size[0]}x{size[1]} batch 1"
+        ratio = teacher["latency_ms"] / student["latency_ms"]
+        summary += [
+            summary_row(NAME, case, "parameters M (teacher/ours; paper 568/52 = 10.9x)", student["params_m"],
+                        teacher["params_m"], teacher["params_m"] / student["params_m"]),
+            summary_row(NAME, case, "GFLOPs (teacher/ours; paper 880/200 = 4.4x)", student["gflops"],
+                        teacher["gflops"], teacher["gflops"] / student["gflops"]),
+            summary_row(NAME, case, "FPS, image -> instances (ours/teacher; paper 13.0/2.85)", student["fps"],
+                        teacher["fps"], ratio, f">= {PAPER_FPS_RATIO}x (paper)", ratio >= PAPER_FPS_RATIO),
+            summary_row(NAME, case, "peak memory MiB (teacher/ours)", student["peak_mem_mb"], teacher["peak_mem_mb"],
+                        teacher["peak_mem_mb"] / max(student["peak_mem_mb"], 1e-3)),
+        ]
+    if "sam3" in results:
+        sam3 = results["sam3"]
+        case = f"{where}, {args.student} vs SAM 3 ({len(CLASSES)} prompts) {tiny}{size[0]}x{size[1]} batch 1"
+        summary += [
+            summary_row(NAME, case, "SAM 3: parameters M (SAM 3/ours)", student["params_m"], sam3["params_m"],
+                        sam3["params_m"] / student["params_m"]),
+            summary_row(NAME, case, "SAM 3: GFLOPs (SAM 3/ours)", student["gflops"], sam3["gflops"],
+                        sam3["gflops"] / student["gflops"]),
+            summary_row(NAME, case, "SAM 3: FPS, image -> instances (ours/SAM 3)", student["fps"], sam3["fps"],
+                        sam3["latency_ms"] / student["latency_ms"]),
+            summary_row(NAME, case, "SAM 3: peak memory MiB (SAM 3/ours)", student["peak_mem_mb"], sam3["peak_mem_mb"],
+                        sam3["peak_mem_mb"] / max(student["peak_mem_mb"], 1e-3)),
+        ]
+        if "teacher" in results:
+            teacher = results["teacher"]
+            case = f"{where}, SAM 3 vs GDINO-L+SAM2-L {tiny}{size[0]}x{size[1]} batch 1"
+            summary += [
+                summary_row(NAME, case, "SAM 3: GFLOPs (GDINO-L+SAM2-L/SAM 3)", sam3["gflops"], teacher["gflops"],
+                            teacher["gflops"] / sam3["gflops"]),
+                summary_row(NAME, case, "SAM 3: FPS, image -> instances (SAM 3/GDINO-L+SAM2-L)", sam3["fps"], teacher["fps"],
+                            teacher["latency_ms"] / sam3["latency_ms"]),
+            ]
     return {"input_size": list(size), "teacher_size": args.teacher_size, "warmup": warmup, "repeats": repeats,
             **results, "paper": PAPER}, summary
 
@@ -133,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--student", default="cast-s", help="the student preset compared with the teacher")
     parser.add_argument("--teacher-size", choices=["paper", "tiny"], default="paper")
+    parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS),
+                        help="the foundation-model teachers compared with the student")
     parser.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"),
                         help="input of the student-vs-teacher comparison")
     parser.add_argument("--repeats", type=int, default=5)

@@ -83,6 +83,7 @@ class TeacherConfig(ZeroShotSettings):
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # CastStudentConfig fields to replace
     grounding_dino_dir: str | None = None  # local hub folders of a foundation-model teacher
     sam_dir: str | None = None
+    sam3_dir: str | None = None  # kind=sam3: a facebook/sam3 folder; box_threshold is its instance-score threshold
     pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
 
 

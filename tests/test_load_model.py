@@ -16,11 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_saved_kind_loads_as_itself(tmp_path):
+    from cast.teachers.sam3 import Sam3Teacher, random_sam3_teacher
     from cast.teachers.vfm import GroundingDinoSamTeacher, random_teacher
 
     models = {"student": build_student("cast-tiny", 2, ["a", "b"]),
               "standin": build_student("cast-tiny", 2, ["a", "b"], decoder_layers=2),
-              "vfm": random_teacher(["disc", "square"])}
+              "vfm": random_teacher(["disc", "square"]), "sam3": random_sam3_teacher(["disc", "square"])}
     for name, model in models.items():
         model.save_pretrained(tmp_path / name)
         loaded = cast.load_model(tmp_path / name)
@@ -28,7 +29,8 @@ def test_every_saved_kind_loads_as_itself(tmp_path):
         assert not loaded.training and weights_hash(loaded) == weights_hash(model)
         assert json.loads((tmp_path / name / "config.json").read_text())["model_type"] == model.model_type
     assert isinstance(cast.load_model(tmp_path / "vfm"), GroundingDinoSamTeacher)
-    assert set(MODEL_TYPES) == {CastStudent.model_type, GroundingDinoSamTeacher.model_type}
+    assert isinstance(cast.load_model(tmp_path / "sam3"), Sam3Teacher)
+    assert set(MODEL_TYPES) == {CastStudent.model_type, GroundingDinoSamTeacher.model_type, Sam3Teacher.model_type}
 
 
 def test_a_student_saved_before_model_type_existed_still_loads(tmp_path):

@@ -4,7 +4,9 @@ adaptation step through the project's stage trainer, parameter groups, save/load
 pipeline up to teacher adaptation."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,8 +20,9 @@ from cast.pipeline.stages import stage_spec, train_stage
 from cast.structures import InstanceSample
 from cast.teachers.vfm import GroundingDinoSamTeacher, TeacherSettings
 from cast.teachers.vfm_configs import bert_like_vocab, grounding_dino_config, sam_config
-from cast.teachers.vfm_ops import (boxes_to_cxcywh, build_prompt, class_log_probs, class_scores, masks_to_boxes,
-                                   region_logits, resolve_overlaps, select_detections)
+from cast.teachers.vfm_ops import (boxes_to_cxcywh, build_prompt, class_log_probs, class_scores, mask_losses,
+                                   mask_target, masks_to_boxes, region_logits, resolve_overlaps, sam_resized_size,
+                                   select_detections)
 from cast.training.objective import Objective
 
 CLASSES = list(DEMO_CLASSES)  # disc, square, triangle, cross: the pipeline smoke's data classes
@@ -216,7 +219,7 @@ def test_save_load_round_trip_and_clear_errors(folders, tmp_path):
     compact = BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".",
                                                                 *CLASSES])})
     with pytest.raises(ValueError, match=r"ids \(2, 3, 5\); Grounding-DINO's code expects \[101, 102, 1012\]"):
-        GroundingDinoSamTeacher(TeacherSettings(CLASSES, sam_kind="sam"), teacher.detector, teacher.sam, compact)
+        GroundingDinoSamTeacher(TeacherSettings(classes=CLASSES, sam_kind="sam"), teacher.detector, teacher.sam, compact)
 
 
 def test_pipeline_runs_the_vfm_teacher_through_adaptation(folders, tmp_path):
@@ -246,3 +249,101 @@ def test_pipeline_runs_the_vfm_teacher_through_adaptation(folders, tmp_path):
     cached = {p: p.stat().st_mtime_ns for p in (run / "predictions").iterdir()}
     assert [r["AP"] for r in Pipeline(cfg).run(stop_after="teacher_adaptation")["rows"]] == [r["AP"] for r in rows]
     assert {p: p.stat().st_mtime_ns for p in cached} == cached
+
+
+@pytest.mark.parametrize("kind", SAM_KINDS)
+def test_stub_masks_land_where_their_boxes_are_at_original_resolution(folders, kind, monkeypatch):
+    """Grounding-DINO stubbed to two known boxes, SAM's mask decoder stubbed to return its prompt
+    box as the mask: on a padded, non-square batch resized to other original sizes, each mask must
+    cover its box there, to within one cell of SAM's low-resolution grid (SAM 2 stretches the image
+    to its square input, SAM keeps the aspect ratio and pads)."""
+    teacher = load_teacher(folders, kind, max_instances=5)
+    boxes = torch.tensor([[0.5, 0.3, 0.5, 0.4], [0.25, 0.75, 0.3, 0.3]])  # (cx, cy, w, h) of the image
+    labels = [1, 3]
+    queries = teacher.detector.config.num_queries
+    logits = torch.full((2, queries, teacher.detector.config.max_text_len), -10.0)
+    pred_boxes = torch.full((2, queries, 4), 0.1)
+    for q, c in enumerate(labels):
+        logits[:, q, (teacher.token_class == c).nonzero().squeeze(1)] = 10.0
+        pred_boxes[:, q] = boxes[q]
+    monkeypatch.setattr(teacher, "_detect", lambda *args: (SimpleNamespace(logits=logits, pred_boxes=pred_boxes), None))
+    cells, cell = teacher.low_res, teacher.sam_size / teacher.low_res
+    centres = (torch.arange(cells) + 0.5) * cell
+
+    def box_as_mask(image_embeddings, input_boxes, multimask_output):
+        x0, y0, x1, y1 = (v[:, None, None] for v in input_boxes[0].unbind(-1))
+        inside = (centres[:, None] > y0) & (centres[:, None] < y1) & (centres[None] > x0) & (centres[None] < x1)
+        return SimpleNamespace(pred_masks=torch.where(inside, 10.0, -10.0)[None, :, None])
+
+    teacher.sam.forward = box_as_mask
+    pixel_values, pixel_mask, image_sizes, orig_sizes = batch()
+    predictions = teacher.predict_with_boxes(pixel_values, pixel_mask, image_sizes, orig_sizes)
+    for (inst, found), size, (h, w) in zip(predictions, image_sizes, orig_sizes):
+        assert inst.labels.tolist() == labels
+        expected = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1) * torch.tensor(
+            [w, h, w, h])
+        torch.testing.assert_close(found, expected)
+        rh, rw = sam_resized_size(size, teacher.sam_size, keep_aspect=kind == "sam")
+        tol_y, tol_x = cell * h / rh, cell * w / rw  # one low-resolution cell at the original size
+        ys, xs = (torch.arange(h) + 0.5)[:, None], (torch.arange(w) + 0.5)[None]
+        for mask, (x0, y0, x1, y1) in zip(inst.masks, expected.tolist()):
+            inner = (ys > y0 + tol_y) & (ys < y1 - tol_y) & (xs > x0 + tol_x) & (xs < x1 - tol_x)
+            outer = (ys > y0 - tol_y) & (ys < y1 + tol_y) & (xs > x0 - tol_x) & (xs < x1 + tol_x)
+            assert inner.any() and (mask >= inner).all() and (mask <= outer).all()
+
+
+def test_frame_geometry_and_mask_terms_on_sub_regions():
+    # SAM keeps the aspect ratio (longest side to the frame, rounded), SAM 2 stretches.
+    assert sam_resized_size((48, 80), 64, keep_aspect=True) == (38, 64)
+    assert sam_resized_size((80, 48), 64, keep_aspect=True) == (64, 38)
+    assert sam_resized_size((48, 80), 64, keep_aspect=False) == (64, 64)
+
+    # region_logits on a sub-region: bilinear resampling reproduces a linear ramp exactly, with the
+    # low-resolution cells' centres at (i + 0.5) and the border clamped.
+    cells = 16
+    grid = torch.arange(cells, dtype=torch.float32)
+    ramp = (2 * grid[:, None] + 3 * grid[None])[None]
+    region, out = (38 / 64, 1.0), (30, 50)
+    ys = ((torch.arange(out[0]) + 0.5) / out[0] * region[0] * cells - 0.5).clamp(0, cells - 1)
+    xs = ((torch.arange(out[1]) + 0.5) / out[1] * region[1] * cells - 0.5).clamp(0, cells - 1)
+    torch.testing.assert_close(region_logits(ramp, region, out)[0], 2 * ys[:, None] + 3 * xs[None], atol=1e-4, rtol=0)
+
+    # mask_target: a 48 x 80 image's mask in a 12 x 20 region of a 24 x 24 grid (scale 1/4), zero outside.
+    masks = torch.zeros(1, 48, 80, dtype=torch.bool)
+    masks[0, 12:36, 20:60] = True
+    target = mask_target(masks, (12, 20), 24)
+    expected = torch.zeros(1, 24, 24)
+    expected[0, 3:9, 5:15] = 1
+    assert torch.equal(target, expected)
+
+    # mask_losses over the whole grid, region and outside: perfect logits cost nothing, zero logits ln 2
+    # (BCE) and 1 - (K + 1) / (L^2 / 2 + K + 1) (dice, K target pixels).
+    bce, dice = mask_losses(torch.where(target > 0, 20.0, -20.0), target)
+    assert float(bce) < 1e-6 and float(dice) < 1e-6
+    bce, dice = mask_losses(torch.zeros_like(target), target)
+    k = float(target.sum())
+    assert float(bce) == pytest.approx(math.log(2)) and float(dice) == pytest.approx(1 - (k + 1) / (288 + k + 1))
+
+
+def test_paper_size_teachers_build_with_their_parameter_counts():
+    """Grounding-DINO-L + SAM2-L (559 M, cast.teachers.vfm_configs) and SAM 3 (840 M,
+    cast.teachers.sam3_configs) at full size, built on the meta device (no memory, no weights)."""
+    from cast.teachers.sam3 import random_sam3_teacher
+    from cast.teachers.vfm import random_teacher
+
+    classes = ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+    with torch.device("meta"):
+        teacher, sam3 = random_teacher(classes, size="paper"), random_sam3_teacher(classes, size="paper")
+
+    def millions(module: torch.nn.Module, trainable: bool = False) -> float:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable) / 1e6
+
+    assert millions(teacher.detector.model.backbone) == pytest.approx(195.2, abs=0.1)  # Swin-L
+    assert millions(teacher.detector.model.text_backbone) == pytest.approx(108.9, abs=0.1)  # BERT-base
+    assert millions(teacher.detector) == pytest.approx(342.0, abs=0.1)
+    assert millions(teacher.sam) == pytest.approx(216.9, abs=0.1)  # SAM2-L without the video memory
+    assert millions(teacher) == pytest.approx(559.1, abs=0.1)  # + the projection head
+    assert millions(sam3.sam3) == pytest.approx(840.4, abs=0.1)
+    assert millions(sam3.sam3.vision_encoder) == pytest.approx(454.0, abs=0.1)
+    assert millions(sam3.sam3.text_encoder) == pytest.approx(353.5, abs=0.1)
+    assert millions(sam3, trainable=True) == pytest.approx(14.6, abs=0.1)  # decoder, heads, mask decoder, projection

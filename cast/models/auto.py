@@ -16,6 +16,7 @@ from cast.utils.io import read_json
 MODEL_TYPES = {
     "cast_student": ("cast.models.student", "CastStudent"),
     "cast_vfm_teacher": ("cast.teachers.vfm", "GroundingDinoSamTeacher"),
+    "cast_sam3_teacher": ("cast.teachers.sam3", "Sam3Teacher"),
 }
 
 

@@ -9,10 +9,10 @@ from typing import Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ENCODER_TYPES = ("dinov2", "resnet", "efficientnet")
+ENCODER_TYPES = ("dinov2", "dinov3", "resnet", "efficientnet")
 NECK_TYPES = ("dpt", "fpn")
 # Each encoder family produces what exactly one neck consumes: ViT tokens -> DPT, CNN maps -> FPN.
-NECK_FOR_ENCODER = {"dinov2": "dpt", "resnet": "fpn", "efficientnet": "fpn"}
+NECK_FOR_ENCODER = {"dinov2": "dpt", "dinov3": "dpt", "resnet": "fpn", "efficientnet": "fpn"}
 FEATURE_STRIDES = (4, 8, 16, 32)
 
 
@@ -130,6 +130,13 @@ def _dinov2(hidden: int, layers: int, heads: int, mlp_ratio: int = 4, image_size
             "out_features": [f"stage{layers * k // 4}" for k in range(1, 5)]}
 
 
+def _dinov3(hidden: int, layers: int, heads: int, mlp_ratio: int = 4, registers: int = 4) -> dict[str, Any]:
+    # patch 16, 4 register tokens, layerscale 1.0 and RoPE (theta 100) are facebook/dinov3-vits16's values.
+    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": hidden * mlp_ratio, "patch_size": 16, "num_register_tokens": registers,
+            "layerscale_value": 1.0, "out_features": [f"stage{layers * k // 4}" for k in range(1, 5)]}
+
+
 def _efficientnet_lite0() -> dict[str, Any]:
     return {"model_name": "efficientnet-lite0", "weights": "imagenet"}
 
@@ -139,6 +146,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's student: DINOv2-S/14 + DPT neck + 9-layer masked-attention decoder (~52 M).
     "cast-s": {"encoder_type": "dinov2", "encoder_config": _dinov2(384, 12, 6, image_size=518),
                "neck_type": "dpt", "neck_hidden_sizes": [48, 96, 192, 384]},
+    # cast-s on DINOv3 ViT-S/16 (facebook/dinov3-vits16-pretrain-lvd1689m, 21.6 M): the encoder today's
+    # strongest compact segmenters start from; the same DPT neck and decoder (50.4 M).
+    "cast-s-dinov3": {"encoder_type": "dinov3", "encoder_config": _dinov3(384, 12, 6), "neck_type": "dpt",
+                      "neck_hidden_sizes": [48, 96, 192, 384]},
     # Architecture ablation: ResNet-50 + FPN with the same decoder.
     "cast-r50": {"encoder_type": "resnet",
                  "encoder_config": {"embedding_size": 64, "hidden_sizes": [256, 512, 1024, 2048],
@@ -161,6 +172,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "neck_dim": 128, "hidden_dim": 192, "num_queries": 50, "decoder_layers": 6, "num_heads": 8,
                      "dim_feedforward": 768, "train_num_points": 2048},
 }
+# Tests of the DINOv3 encoder: cast-tiny on a tiny DINOv3 (2 register tokens).
+PRESETS["cast-tiny-dinov3"] = {**PRESETS["cast-tiny"], "encoder_type": "dinov3",
+                               "encoder_config": _dinov3(48, 4, 2, mlp_ratio=2, registers=2)}
 
 
 def preset_config(preset: str, num_classes: int, class_names: list[str] | None = None,

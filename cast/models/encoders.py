@@ -1,5 +1,5 @@
-"""Image encoders of the student: transformers' DINOv2 or ResNet backbone, or EfficientNet-Lite,
-behind one interface.
+"""Image encoders of the student: transformers' DINOv2, DINOv3 or ResNet backbone, or
+EfficientNet-Lite, behind one interface.
 
 All take normalised images whose height and width are multiples of 32 and return four
 feature levels meant for strides 4/8/16/32 of that input.
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Dinov2Backbone, Dinov2Config, ResNetBackbone, ResNetConfig
+from transformers import DINOv3ViTBackbone, DINOv3ViTConfig, Dinov2Backbone, Dinov2Config, ResNetBackbone, ResNetConfig
 
 # The ViT runs on a patch grid of (H/16, W/16): then reassembling its tokens by x4, x2, x1, x0.5
 # lands exactly on strides 4/8/16/32 of the input, whatever the patch size.
@@ -43,6 +43,19 @@ def _check_pretrained_dir(directory: str | Path) -> Path:
     return directory
 
 
+def _vit_backbone(kind: str, backbone_class: type, config_class: type, encoder_config: dict[str, Any],
+                  **fixed: Any) -> nn.Module:
+    """A transformers ViT backbone of `encoder_config` (four evenly spaced blocks unless
+    out_features says otherwise) with the `fixed` settings the encoder relies on."""
+    kwargs = dict(encoder_config)
+    num_layers = kwargs.get("num_hidden_layers", config_class().num_hidden_layers)
+    kwargs.setdefault("out_features", _default_out_features(num_layers))
+    backbone = backbone_class(config_class(**{**kwargs, **fixed}))
+    if len(backbone.out_features) != 4:
+        raise ValueError(f"{kind} encoder needs 4 out_features, got {backbone.out_features}")
+    return backbone
+
+
 class DinoV2Encoder(nn.Module):
     """DINOv2 (transformers `Dinov2Backbone`) returning the tokens of four blocks."""
 
@@ -50,15 +63,10 @@ class DinoV2Encoder(nn.Module):
 
     def __init__(self, encoder_config: dict[str, Any]) -> None:
         super().__init__()
-        kwargs = dict(encoder_config)
-        num_layers = kwargs.get("num_hidden_layers", Dinov2Config().num_hidden_layers)
-        kwargs.setdefault("out_features", _default_out_features(num_layers))
         # Tokens with CLS are kept for the DPT readout; the mask token only serves masked pretraining
         # and would be a parameter without gradient (which DDP rejects).
-        kwargs.update(reshape_hidden_states=False, use_mask_token=False)
-        self.backbone = Dinov2Backbone(Dinov2Config(**kwargs))
-        if len(self.backbone.out_features) != 4:
-            raise ValueError(f"dinov2 encoder needs 4 out_features, got {self.backbone.out_features}")
+        self.backbone = _vit_backbone("dinov2", Dinov2Backbone, Dinov2Config, encoder_config,
+                                      reshape_hidden_states=False, use_mask_token=False)
         self.hidden_size = self.backbone.config.hidden_size
         self.patch_size = self.backbone.config.patch_size
         self.out_channels = [self.hidden_size] * 4
@@ -76,6 +84,58 @@ class DinoV2Encoder(nn.Module):
         training = self.training
         self.backbone = Dinov2Backbone.from_pretrained(directory, config=self.backbone.config, dtype=torch.float32)
         self.backbone.train(training)  # from_pretrained returns an eval-mode model
+
+
+class DinoV3Encoder(nn.Module):
+    """DINOv3 ViT (transformers `DINOv3ViTBackbone`, e.g. facebook/dinov3-vits16-pretrain-lvd1689m)
+    returning the tokens of four blocks as the DPT neck reads them: CLS first, then the patch
+    tokens; the register tokens between them are dropped (they carry no image position).
+
+    Tokens are layer-normed as the backbone's feature maps are. DINOv3's RoPE coordinate
+    augmentation (random shift / jitter / rescale of patch positions in training mode) is a
+    pretraining regulariser and is switched off: the student sees the same geometry in training
+    and inference (and exports to ONNX without random ops).
+    """
+
+    is_vit = True
+
+    def __init__(self, encoder_config: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = _vit_backbone("dinov3", DINOv3ViTBackbone, DINOv3ViTConfig, encoder_config,
+                                      reshape_hidden_states=False, pos_embed_shift=None, pos_embed_jitter=None,
+                                      pos_embed_rescale=None)
+        self.hidden_size = self.backbone.config.hidden_size
+        self.patch_size = self.backbone.config.patch_size
+        self.out_channels = [self.hidden_size] * 4
+        self._freeze_mask_token()
+
+    def _freeze_mask_token(self) -> None:
+        # The mask token only serves masked pretraining: a parameter without gradient (which DDP rejects).
+        self.backbone.embeddings.mask_token.requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        height, width = pixel_values.shape[-2:]
+        grid = (height // VIT_GRID_STRIDE, width // VIT_GRID_STRIDE)
+        size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        if size != (height, width):
+            pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+        out = self.backbone(pixel_values, output_hidden_states=True)
+        last = len(out.hidden_states) - 1
+        features = []
+        for patches, index in zip(out.feature_maps, self.backbone.out_indices):
+            cls = out.hidden_states[index][:, :1]
+            if self.backbone.config.apply_layernorm or index == last:
+                cls = self.backbone.norm(cls)
+            features.append(torch.cat([cls, patches], dim=1))
+        return EncoderOutput(features=features, grid=grid)
+
+    def load_pretrained(self, directory: str | Path) -> None:
+        """Load the weights of a local `facebook/dinov3-*` style folder (DINOv3ViTModel) into the backbone."""
+        directory = _check_pretrained_dir(directory)
+        training = self.training
+        self.backbone = DINOv3ViTBackbone.from_pretrained(directory, config=self.backbone.config, dtype=torch.float32)
+        self.backbone.train(training)  # from_pretrained returns an eval-mode model
+        self._freeze_mask_token()
 
 
 def _freeze_batchnorm_statistics(module: nn.Module) -> None:
@@ -175,13 +235,13 @@ class ResNetEncoder(nn.Module):
         self.backbone.train(training)  # from_pretrained returns an eval-mode model
 
 
-ENCODERS: dict[str, type[nn.Module]] = {"dinov2": DinoV2Encoder, "resnet": ResNetEncoder,
+ENCODERS: dict[str, type[nn.Module]] = {"dinov2": DinoV2Encoder, "dinov3": DinoV3Encoder, "resnet": ResNetEncoder,
                                         "efficientnet": EfficientNetLiteEncoder}
-CONFIGS = {"dinov2": Dinov2Config, "resnet": ResNetConfig}
+CONFIGS = {"dinov2": Dinov2Config, "resnet": ResNetConfig, "dinov3": DINOv3ViTConfig}
 
 
 def build_encoder(encoder_type: str, encoder_config: dict[str, Any]) -> nn.Module:
-    """A randomly initialised encoder of `encoder_type` ("dinov2" | "resnet")."""
+    """A randomly initialised encoder of `encoder_type` (a key of ENCODERS)."""
     if encoder_type not in ENCODERS:
         raise ValueError(f"unknown encoder type {encoder_type!r}; expected one of {sorted(ENCODERS)}")
     return ENCODERS[encoder_type](encoder_config)
@@ -197,11 +257,13 @@ def pretrained_encoder_config(encoder_type: str, directory: str | Path,
     config = CONFIGS[encoder_type].from_pretrained(directory)
     kwargs = config.to_diff_dict()
     for key in ("transformers_version", "architectures", "model_type", "stage_names", "out_indices",
-                "_name_or_path", "torch_dtype", "dtype"):
+                "_out_indices", "_out_features", "_name_or_path", "torch_dtype", "dtype",
+                # set by the encoders themselves (token layout; DINOv3's RoPE augmentation is off)
+                "reshape_hidden_states", "pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale"):
         kwargs.pop(key, None)
     if out_features is not None:
         kwargs["out_features"] = out_features
-    elif encoder_type == "dinov2":
+    elif encoder_type in ("dinov2", "dinov3"):
         kwargs["out_features"] = _default_out_features(config.num_hidden_layers)
     else:
         kwargs["out_features"] = ["stage1", "stage2", "stage3", "stage4"]

@@ -1,2 +1,2 @@
-"""Foundation-model teachers: Grounding-DINO + SAM 2 / SAM (`vfm`), built from local folders in the
-hub layout by `hub.zero_shot_teacher`."""
+"""Foundation-model teachers: Grounding-DINO + SAM 2 / SAM (`vfm`) and SAM 3 (`sam3`), on the shared
+base of `foundation`, built from local folders in the hub layout by `hub.zero_shot_teacher`."""

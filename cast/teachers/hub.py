@@ -1,6 +1,11 @@
 """theta_T^0 of a foundation-model teacher, built from local folders in the hub layout as the
 config's `teacher` section names them (the demo's stand-in teacher is pretrained by the pipeline
-instead). This module stays light: a teacher's classes are imported only when it is built."""
+instead). This module stays light: a teacher's classes are imported only when it is built.
+
+Thresholds (`ZeroShotSettings`): Grounding-DINO + SAM use box_threshold / text_threshold /
+mask_threshold as named; SAM 3 takes box_threshold as its instance-score threshold (query score x
+presence score) and has no text threshold.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,7 +15,8 @@ from typing import Any
 import torch
 
 # teacher.kind values served here, and the config keys of the folders each one reads.
-FOUNDATION_TEACHERS = {"gdino-sam2": ("grounding_dino_dir", "sam_dir"), "gdino-sam": ("grounding_dino_dir", "sam_dir")}
+FOUNDATION_TEACHERS = {"gdino-sam2": ("grounding_dino_dir", "sam_dir"), "gdino-sam": ("grounding_dino_dir", "sam_dir"),
+                       "sam3": ("sam3_dir",)}
 
 
 @dataclass
@@ -38,6 +44,13 @@ def zero_shot_teacher(teacher: Any, classes: Sequence[str], projection_stride: i
     if teacher.kind not in FOUNDATION_TEACHERS:
         raise ValueError(f"teacher.kind={teacher.kind!r} is not a foundation-model teacher "
                          f"({', '.join(FOUNDATION_TEACHERS)})")
+    if teacher.kind == "sam3":
+        from cast.teachers.sam3 import Sam3Teacher
+
+        return Sam3Teacher.from_hub_folder(
+            teacher.sam3_dir, classes=list(classes), box_threshold=teacher.box_threshold,
+            mask_threshold=teacher.mask_threshold, max_instances=teacher.max_instances,
+            projection_stride=projection_stride)
     from cast.teachers.vfm import GroundingDinoSamTeacher
 
     return GroundingDinoSamTeacher.from_hub_folders(

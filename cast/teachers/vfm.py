@@ -34,16 +34,13 @@ detection score), and `mask_logits` (B, K, ceil(H/4), ceil(W/4)): SAM's masks fo
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection, Sam2Config, Sam2Model,
                           SamConfig, SamModel)
@@ -52,42 +49,31 @@ from transformers.models.grounding_dino.modeling_grounding_dino import SPECIAL_T
 from cast.models.outputs import SegmentationOutput
 from cast.models.param_groups import adamw_parameter_groups
 from cast.structures import Instances
+from cast.teachers.foundation import (PAD_LOGIT, FoundationTeacher, binary_masks, check_hf_folder, input_mask,
+                                      no_instances, projection_head, ranked_instances, require_tokenizer)
+from cast.teachers.hub import ZeroShotSettings
 from cast.teachers.vfm_configs import (BERT_BASE_VOCAB_SIZE, SAM_KINDS, bert_like_tokenizer, grounding_dino_config,
                                       sam_config)
 from cast.teachers.vfm_ops import (boxes_to_cxcywh, build_prompt, class_log_probs, class_scores, cxcywh_to_xyxy,
-                                   mask_losses, mask_target, masks_to_boxes, region_logits, resolve_overlaps,
-                                   sam_resized_size, select_detections, valid_sizes)
-from cast.utils.io import atomic_save, atomic_write_json, read_json
+                                   mask_losses, mask_target, masks_to_boxes, region_logits, sam_resized_size,
+                                   select_detections, valid_sizes)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
 # Grounding-DINO's and SAM's processors both normalise with the ImageNet statistics.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
-# Masks are resized and binarised this many at a time: 100 float masks at 1024 x 2048 are 800 MB.
-MASK_CHUNK = 16
-# Sampler mask logits on padding (ignored by the loss; any constant would do).
-PAD_LOGIT = -20.0
 BACKBONE_PREFIX = "detector.model.backbone.conv_encoder."
 # Embeddings and tokens that should not be pulled towards zero, besides all norms and biases.
 NO_DECAY_NAMES = ("level_embed", "query_position_embeddings", "relative_position_bias_table", "iou_token",
                   "mask_tokens", "obj_score_token")
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                   "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
-@dataclass
-class TeacherSettings:
-    """What the teacher needs besides its two sub-models (saved in config.json)."""
+@dataclass(kw_only=True)
+class TeacherSettings(ZeroShotSettings):
+    """What the teacher needs besides its two sub-models (saved in config.json); the thresholds
+    are ZeroShotSettings'."""
 
     classes: list[str]
     sam_kind: str = "sam2"  # "sam2": Sam2Model, "sam": SamModel
-    box_threshold: float = 0.3
-    text_threshold: float = 0.25
-    mask_threshold: float = 0.5
-    max_instances: int = 100
     projection_dim: int = 128
     projection_stride: int = 8  # Grounding-DINO backbone level the projection head reads
     sampler_queries: int = 20  # K queries handed to the contrastive sampler (SAM decodes K masks)
@@ -100,15 +86,14 @@ class TeacherSettings:
             raise ValueError("the teacher needs at least one class name")
         if self.sam_kind not in SAM_KINDS:
             raise ValueError(f"sam_kind must be one of {SAM_KINDS}, got {self.sam_kind!r}")
-        for key in ("box_threshold", "text_threshold", "mask_threshold"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("max_instances", "projection_dim", "sampler_queries", "max_train_prompts"):
+        for key, problem in self.problems():
+            raise ValueError(f"{key} {problem}")
+        for key in ("projection_dim", "sampler_queries", "max_train_prompts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
 
-class GroundingDinoSamTeacher(nn.Module):
+class GroundingDinoSamTeacher(FoundationTeacher):
     """Grounding-DINO + SAM 2 / SAM as one segmentation model (see the module docstring).
 
     Images arrive in [0, 1] (B, 3, H, W), padded bottom/right; `pixel_mask` marks real pixels.
@@ -117,6 +102,8 @@ class GroundingDinoSamTeacher(nn.Module):
     """
 
     model_type = "cast_vfm_teacher"
+    settings_class = TeacherSettings
+    tokenizer_class = BertTokenizer
 
     def __init__(self, settings: TeacherSettings, detector: GroundingDinoForObjectDetection,
                  sam: Sam2Model | SamModel, tokenizer: BertTokenizer) -> None:
@@ -146,42 +133,24 @@ class GroundingDinoSamTeacher(nn.Module):
                              f"features at strides {strides}")
         self.projection_level = strides.index(settings.projection_stride)
         channels = detector.model.backbone.conv_encoder.intermediate_channel_sizes[self.projection_level]
-        hidden = 2 * settings.projection_dim
-        # A fixed seed: theta_T^0 (and the hash its predictions are cached under) is the same on every load.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.projection_head = nn.Sequential(nn.Conv2d(channels, hidden, kernel_size=1), nn.ReLU(),
-                                                 nn.Conv2d(hidden, settings.projection_dim, kernel_size=1))
+        self.projection_head = projection_head(channels, settings.projection_dim)
 
         prompt_config = sam.config.prompt_encoder_config
         self.sam_size = int(prompt_config.image_size)  # SAM's square input; box coordinates live there
         self.low_res = 4 * (self.sam_size // int(prompt_config.patch_size))  # side of its mask logits
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
+        self._freeze()
         if isinstance(sam, Sam2Model):
             sam.no_memory_embedding.requires_grad_(False)  # added to the image embedding: encoder side
 
     # ------------------------------------------------------------------ interface
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.settings.classes)
-
-    def train(self, mode: bool = True) -> "GroundingDinoSamTeacher":
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.train(False)
-        return self
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
                 targets: list[dict[str, torch.Tensor]] | None = None) -> SegmentationOutput:
         """pixel_values (B, 3, H, W) in [0, 1]; pixel_mask (B, H, W) True on real pixels; targets
         [{"masks": (K, H, W) 0/1, "labels": (K,)}] at the input's size. With targets, `loss` is
         Grounding-DINO's detection loss + SAM's weighted mask BCE and dice."""
-        _check_pixels(pixel_values)
-        batch, _, height, width = pixel_values.shape
-        if pixel_mask is None:
-            pixel_mask = torch.ones((batch, height, width), dtype=torch.bool, device=pixel_values.device)
+        pixel_mask = input_mask(pixel_values, pixel_mask)
+        height, width = pixel_values.shape[-2:]
         sizes = valid_sizes(pixel_mask)
         labels = None if targets is None else self._detection_labels(targets, sizes, (height, width))
         det, features = self._detect(pixel_values, pixel_mask, labels)
@@ -200,42 +169,17 @@ class GroundingDinoSamTeacher(nn.Module):
     def pixel_embeddings(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The projection head on Grounding-DINO's backbone alone (no detector heads, no SAM):
         what the contrastive loss needs of its stop-gradient strong view."""
-        _check_pixels(pixel_values)
-        batch, _, height, width = pixel_values.shape
-        if pixel_mask is None:
-            pixel_mask = torch.ones((batch, height, width), dtype=torch.bool, device=pixel_values.device)
+        pixel_mask = input_mask(pixel_values, pixel_mask)
         levels = self.detector.model.backbone.conv_encoder(self._normalise(pixel_values, pixel_mask), pixel_mask.long())
-        return self._project(levels[self.projection_level][0], (height, width))
+        return self._project(levels[self.projection_level][0], tuple(pixel_values.shape[-2:]))
 
-    @torch.no_grad()
-    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
-                image_sizes: list[tuple[int, int]] | None = None,
-                orig_sizes: list[tuple[int, int]] | None = None) -> list[Instances]:
-        """Zero-shot instances per image (eval mode for the call), cropped to image_sizes inside
-        the padded batch, masks at orig_sizes, best first."""
-        _check_pixels(pixel_values)
-        batch, _, height, width = pixel_values.shape
-        image_sizes = [(height, width)] * batch if image_sizes is None else [tuple(map(int, s)) for s in image_sizes]
-        orig_sizes = image_sizes if orig_sizes is None else [tuple(map(int, s)) for s in orig_sizes]
-        if len(image_sizes) != batch or len(orig_sizes) != batch:
-            raise ValueError(f"{len(image_sizes)} image_sizes / {len(orig_sizes)} orig_sizes for a batch of {batch}")
-        for h, w in image_sizes:
-            if not (0 < h <= height and 0 < w <= width):
-                raise ValueError(f"image size {(h, w)} does not fit in the input of size {(height, width)}")
-        if pixel_mask is None:
-            pixel_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=pixel_values.device)
-            for b, (h, w) in enumerate(image_sizes):
-                pixel_mask[b, :h, :w] = True
-        was_training = self.training
-        self.eval()
-        try:
-            det, _ = self._detect(pixel_values, pixel_mask, None)
-            scores = class_scores(det.logits, self.token_class, len(self.settings.classes))
-            sam_embeddings = self._sam_embeddings(pixel_values, image_sizes)
-            return [self._instances(b, scores[b], det.pred_boxes[b], sam_embeddings, image_sizes[b], orig_sizes[b])
-                    for b in range(batch)]
-        finally:
-            self.train(was_training)
+    def _predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, image_sizes: list[tuple[int, int]],
+                 orig_sizes: list[tuple[int, int]]) -> list[tuple[Instances, torch.Tensor]]:
+        det, _ = self._detect(pixel_values, pixel_mask, None)
+        scores = class_scores(det.logits, self.token_class, len(self.settings.classes))
+        sam_embeddings = self._sam_embeddings(pixel_values, image_sizes)
+        return [self._instances(b, scores[b], det.pred_boxes[b], sam_embeddings, image_sizes[b], orig_sizes[b])
+                for b in range(pixel_values.shape[0])]
 
     def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_multiplier: float) -> list[dict]:
         """AdamW groups of the trainable parameters: Grounding-DINO's image backbone at
@@ -243,53 +187,17 @@ class GroundingDinoSamTeacher(nn.Module):
         embeddings/tokens; empty groups left out."""
         return adamw_parameter_groups(self, lr, weight_decay, backbone_lr_multiplier, BACKBONE_PREFIX, NO_DECAY_NAMES)
 
-    # ------------------------------------------------------------------ saving and loading
+    # ------------------------------------------------------------------ building
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """config.json (settings + both sub-model configurations), model.safetensors (every
-        weight, projection head included) and tokenizer/, so that `load` rebuilds it offline."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_save(directory / WEIGHTS_NAME, lambda tmp: save_model(self, str(tmp)))
-        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-        atomic_write_json(directory / CONFIG_NAME, {
-            "model_type": self.model_type, "settings": asdict(self.settings),
-            "grounding_dino": self.detector.config.to_dict(), "sam": self.sam.config.to_dict()}, indent=1)
+    def _sub_configs(self) -> dict[str, dict[str, Any]]:
+        return {"grounding_dino": self.detector.config.to_dict(), "sam": self.sam.config.to_dict()}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path,
-                        map_location: str | torch.device = "cpu") -> "GroundingDinoSamTeacher":
-        """A teacher written by `save_pretrained`."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"{directory}: teacher folder not found")
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path}: file not found")
-        config = read_json(config_path)
-        if not isinstance(config, dict) or config.get("model_type") != cls.model_type:
-            raise ValueError(f"{config_path}: not a {cls.model_type} configuration (written by "
-                             "GroundingDinoSamTeacher.save_pretrained)")
-        weights, tokenizer_dir = directory / WEIGHTS_NAME, directory / TOKENIZER_DIR
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: file not found")
-        _require_tokenizer(tokenizer_dir)
-        try:
-            settings = TeacherSettings(**{k: v for k, v in config["settings"].items()
-                                          if k in {f.name for f in fields(TeacherSettings)}})
-            detector = GroundingDinoForObjectDetection(GroundingDinoConfig.from_dict(config["grounding_dino"]))
-            sam_class, sam_config_class = ((Sam2Model, Sam2Config) if settings.sam_kind == "sam2"
-                                           else (SamModel, SamConfig))
-            sam = sam_class(sam_config_class.from_dict(config["sam"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{config_path}: invalid teacher configuration: {e}") from None
-        model = cls(settings, detector, sam, BertTokenizer.from_pretrained(str(tokenizer_dir)))
-        try:
-            load_model(model, str(weights), strict=True, device=str(map_location))
-        except (SafetensorError, RuntimeError) as e:
-            raise ValueError(f"{weights}: cannot load the weights into the teacher {config_path} describes: "
-                             f"{e}") from None
-        return model
+    def _from_configs(cls, settings: TeacherSettings, config: dict[str, Any],
+                      tokenizer: BertTokenizer) -> "GroundingDinoSamTeacher":
+        detector = GroundingDinoForObjectDetection(GroundingDinoConfig.from_dict(config["grounding_dino"]))
+        sam_class, sam_config_class = (Sam2Model, Sam2Config) if settings.sam_kind == "sam2" else (SamModel, SamConfig)
+        return cls(settings, detector, sam_class(sam_config_class.from_dict(config["sam"])), tokenizer)
 
     @classmethod
     def from_hub_folders(cls, grounding_dino_dir: str | Path, sam_dir: str | Path, classes: list[str],
@@ -299,9 +207,9 @@ class GroundingDinoSamTeacher(nn.Module):
         (facebook/sam2.1-hiera-large) or SAM (facebook/sam-vit-huge) in `sam_dir`.
         `settings`: TeacherSettings fields (thresholds, max_instances, projection_stride, ...)."""
         expected_sam = "sam2" if sam_kind == "sam2" else "sam"
-        gdino_dir = _check_hf_folder(grounding_dino_dir, "grounding-dino", "Grounding-DINO")
-        sam_path = _check_hf_folder(sam_dir, expected_sam, "SAM 2" if sam_kind == "sam2" else "SAM")
-        _require_tokenizer(gdino_dir)
+        gdino_dir = check_hf_folder(grounding_dino_dir, ("grounding-dino",), "Grounding-DINO")
+        sam_path = check_hf_folder(sam_dir, (expected_sam,), "SAM 2" if sam_kind == "sam2" else "SAM")
+        require_tokenizer(gdino_dir, BertTokenizer)
         detector = GroundingDinoForObjectDetection.from_pretrained(str(gdino_dir))
         sam = (Sam2Model if sam_kind == "sam2" else SamModel).from_pretrained(str(sam_path))
         tokenizer = BertTokenizer.from_pretrained(str(gdino_dir))
@@ -434,23 +342,19 @@ class GroundingDinoSamTeacher(nn.Module):
         return class_logits, mask_logits
 
     def _instances(self, index: int, scores: torch.Tensor, boxes: torch.Tensor, sam_embeddings: list[torch.Tensor],
-                   image_size: tuple[int, int], orig_size: tuple[int, int]) -> Instances:
-        """Kept detections of one image -> SAM masks at orig_size -> overlap-free Instances."""
+                   image_size: tuple[int, int], orig_size: tuple[int, int]) -> tuple[Instances, torch.Tensor]:
+        """Kept detections of one image -> SAM masks at orig_size -> overlap-free Instances and
+        their boxes in pixels at orig_size."""
         s = self.settings
         queries, labels, kept = select_detections(scores, s.box_threshold, s.text_threshold, s.max_instances)
-        out_h, out_w = orig_size
         if queries.numel() == 0:
-            return Instances(masks=torch.zeros((0, out_h, out_w), dtype=torch.bool, device=scores.device),
-                             labels=labels.long(), scores=kept.float())
+            return no_instances(orig_size, scores.device)
         (rh, rw), scale = self._frame(image_size)
-        low_res = self._decode(sam_embeddings, index, cxcywh_to_xyxy(boxes[queries]).clamp(0, 1) * scale).float()
-        region = (rh / self.sam_size, rw / self.sam_size)
-        masks = torch.empty((queries.numel(), out_h, out_w), dtype=torch.bool, device=scores.device)
-        for start in range(0, queries.numel(), MASK_CHUNK):
-            chunk = region_logits(low_res[start:start + MASK_CHUNK], region, (out_h, out_w))
-            masks[start:start + MASK_CHUNK] = chunk.sigmoid() > s.mask_threshold
-        masks, order = resolve_overlaps(masks, kept)
-        return Instances(masks=masks, labels=labels[order].long(), scores=kept[order].float())
+        xyxy = cxcywh_to_xyxy(boxes[queries]).clamp(0, 1)
+        low_res = self._decode(sam_embeddings, index, xyxy * scale).float()
+        masks = binary_masks(low_res, (rh / self.sam_size, rw / self.sam_size), orig_size, s.mask_threshold)
+        out_h, out_w = orig_size
+        return ranked_instances(masks, labels, kept, xyxy.float() * xyxy.new_tensor([out_w, out_h, out_w, out_h]))
 
 
 def random_teacher(classes: list[str], size: str = "tiny", sam_kind: str = "sam2",
@@ -464,34 +368,3 @@ def random_teacher(classes: list[str], size: str = "tiny", sam_kind: str = "sam2
     sam = (Sam2Model if sam_kind == "sam2" else SamModel)(sam_config(size, sam_kind))
     return GroundingDinoSamTeacher(TeacherSettings(classes=list(classes), sam_kind=sam_kind, **settings),
                                    detector, sam, tokenizer)
-
-
-def _check_pixels(pixel_values: torch.Tensor) -> None:
-    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-        raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
-
-
-def _check_hf_folder(directory: str | Path | None, model_type: str, what: str) -> Path:
-    """A transformers model folder: exists, its config.json names `model_type`, it has weights."""
-    if directory is None:
-        raise FileNotFoundError(f"no {what} folder given")
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: {what} folder not found")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: file not found (expected a transformers {what} folder)")
-    try:
-        found = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"{config_path}: not a transformers configuration: {e}") from None
-    if found != model_type:
-        raise ValueError(f"{config_path}: model_type is {found!r}, a {what} folder has {model_type!r}")
-    if not any((directory / name).is_file() for name in HF_WEIGHT_FILES):
-        raise FileNotFoundError(f"{directory}: no {what} weights (none of {', '.join(HF_WEIGHT_FILES)})")
-    return directory
-
-
-def _require_tokenizer(directory: Path) -> None:
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{directory}: no BERT tokenizer (none of {', '.join(TOKENIZER_FILES)})")
