@@ -14,6 +14,7 @@ import yaml
 
 from cast.data.registry import DATA_KINDS
 from cast.losses import SAMPLERS
+from cast.runs import STAGES
 from cast.teachers.hub import FOUNDATION_TEACHERS, ZeroShotSettings
 from cast.utils.typed import ConfigError, build_dataclass
 
@@ -94,16 +95,11 @@ class StudentConfig:
     pretrained_encoder_dir: str | None = None  # local DINOv2 folder; None = random init
 
 
-@dataclass
-class TrainingConfig:
-    """One TrainConfig per stage (names as in cast.runs.STAGES)."""
-
-    teacher_adaptation: TrainConfig = field(default_factory=TrainConfig)
-    teacher_self_training: TrainConfig = field(default_factory=TrainConfig)
-    knowledge_transfer: TrainConfig = field(default_factory=TrainConfig)
-    student_refinement: TrainConfig = field(default_factory=TrainConfig)
-    # The baseline: student on D_l only; give it the budget of knowledge_transfer + refinement.
-    student_supervised: TrainConfig = field(default_factory=TrainConfig)
+# One TrainConfig per stage of cast.runs.STAGES (student_supervised, the baseline, deserves the
+# budget of knowledge_transfer + student_refinement).
+TrainingConfig = dataclasses.make_dataclass(
+    "TrainingConfig", [(stage, TrainConfig, field(default_factory=TrainConfig)) for stage in STAGES])
+TrainingConfig.__module__ = __name__
 
 
 @dataclass
@@ -295,7 +291,7 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
         _validate_preset(t.preset, t.preset_overrides, source, "teacher")
     _validate_preset(cfg.student.preset, cfg.student.preset_overrides, source, "student")
 
-    for stage in (f.name for f in dataclasses.fields(TrainingConfig)):
+    for stage in STAGES:
         _validate_train(cfg.stage(stage), source, f"training.{stage}")
 
     lo = cfg.losses

@@ -18,7 +18,6 @@ runs/<name>/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 # Stage names, in pipeline order.
@@ -26,44 +25,16 @@ STAGES = ("teacher_adaptation", "teacher_self_training", "knowledge_transfer",
           "student_refinement", "student_supervised")
 
 
-@dataclass(frozen=True)
 class RunFolder:
-    root: Path
+    """The paths of one run folder (nothing is created here)."""
 
     def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def name(self) -> str:
-        return self.root.name
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def split(self) -> Path:
-        return self.root / "split.json"
-
-    @property
-    def report_json(self) -> Path:
-        return self.root / "report.json"
-
-    @property
-    def report_md(self) -> Path:
-        return self.root / "report.md"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def ablations(self) -> Path:
-        return self.root / "ablations"
-
-    @property
-    def notebooks(self) -> Path:
-        return self.root / "notebooks"
+        self.root = Path(root)
+        self.name = self.root.name
+        self.config = self.root / "config.yaml"
+        self.split = self.root / "split.json"
+        self.report_json, self.report_md = self.root / "report.json", self.root / "report.md"
+        self.plots, self.ablations, self.notebooks = self.root / "plots", self.root / "ablations", self.root / "notebooks"
 
     def stage(self, stage: str) -> Path:
         return self.root / "stages" / stage
