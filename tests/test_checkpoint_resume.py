@@ -112,6 +112,10 @@ def test_injected_crash_then_resume_gives_identical_weights(tmp_path):
     _assert_same_weights(resumed, reference)
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert steps == list(range(1, 8))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # TensorBoard drops what the crashed run logged after its checkpoint: each step shows once.
+    assert [e.step for e in EventAccumulator(str(tmp_path / "run")).Reload().Scalars("loss/loss")] == steps
     assert all(r["loss_pxl_unlabeled"] > 0 for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
     ref_losses = [r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
     run_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]

@@ -219,6 +219,14 @@ def test_supervised_stage_learns_and_writes_its_folder(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000
     assert load_checkpoint(tmp_path / "checkpoints").step == 25
+    # The same curves for TensorBoard, beside metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert {"loss/loss", "loss/loss_sup", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    logged = events.Scalars("loss/loss_sup")
+    assert [e.step for e in logged] == list(range(1, 26))
+    assert [e.value for e in logged] == pytest.approx([r["loss_sup"] for r in records], rel=1e-6)
 
 
 def test_a_stage_does_not_depend_on_what_the_process_drew_before(tmp_path):

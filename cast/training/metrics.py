@@ -1,4 +1,5 @@
-"""Per-step metrics as json lines (one object per line, `step` first)."""
+"""Per-step metrics as json lines (one object per line, `step` first), mirrored as TensorBoard
+scalars beside them (`tensorboard --logdir runs/` shows every stage of every run and seed)."""
 from __future__ import annotations
 
 import json
@@ -24,19 +25,45 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def tensorboard_tag(key: str) -> str:
+    """TensorBoard groups scalars by the part before "/": losses, the contrastive diagnostics,
+    validation metrics and the rest (lr, grad_norm, time)."""
+    group = ("loss" if key.startswith("loss") else "contrastive" if key.startswith("pxl_")
+             else "val" if key.startswith("val_") else "train")
+    return f"{group}/{key}"
+
+
 class MetricsLogger:
-    """Appends records to metrics.jsonl; only the main process writes."""
+    """Appends records to metrics.jsonl and TensorBoard event files in the same folder; only the
+    main process writes."""
 
     def __init__(self, path: str | Path, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self._writer = None
+        self._purge_step: int | None = None
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step` (a resumed run logs them again)."""
+        """Drop records of steps after `step` (a resumed run logs them again; TensorBoard is told to
+        drop them from its earlier event files too)."""
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._purge_step = step + 1
+
+    def _tensorboard(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.path.parent), purge_step=self._purge_step, flush_secs=30)
+        return self._writer
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard file (the jsonl is written line by line)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -53,6 +80,10 @@ class MetricsLogger:
             if e.errno is None or e.filename is not None:
                 raise
             raise OSError(e.errno, e.strerror, str(self.path)) from e
+        writer = self._tensorboard()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(tensorboard_tag(key), value, step)
 
 
 def diagnostics_summary(path: str | Path, tail: float = 0.25) -> dict[str, float]:

@@ -134,26 +134,29 @@ class Trainer:
         streams = self._streams(start)
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=self.stage,
                    disable=not ctx.is_main, dynamic_ncols=True)
-        for step in bar:
-            t0 = time.perf_counter()
-            model.train()
-            values = self._train_step(net, optimizer, streams, step)
-            scheduler.step()
-            done = step + 1
-            values["lr"] = optimizer.param_groups[0]["lr"]
-            values = mean_over_ranks(values, ctx.device)
-            values["sec_per_step"] = time.perf_counter() - t0
-            evaluated = self.evaluate is not None and cfg.eval_every > 0 and done % cfg.eval_every == 0
-            if evaluated:
-                values.update({f"val_{k}": v for k, v in self.evaluate(model).items()})
-            if evaluated or done % cfg.log_every == 0 or done == cfg.steps:
-                self.logger.log(done, values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)  # drawn at the bar's own pace
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                self._checkpoint(model, optimizer, scheduler, done)
-            if self.on_step_end is not None:
-                self.on_step_end(done)
-        bar.close()
+        try:
+            for step in bar:
+                t0 = time.perf_counter()
+                model.train()
+                values = self._train_step(net, optimizer, streams, step)
+                scheduler.step()
+                done = step + 1
+                values["lr"] = optimizer.param_groups[0]["lr"]
+                values = mean_over_ranks(values, ctx.device)
+                values["sec_per_step"] = time.perf_counter() - t0
+                evaluated = self.evaluate is not None and cfg.eval_every > 0 and done % cfg.eval_every == 0
+                if evaluated:
+                    values.update({f"val_{k}": v for k, v in self.evaluate(model).items()})
+                if evaluated or done % cfg.log_every == 0 or done == cfg.steps:
+                    self.logger.log(done, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)  # drawn at the bar's own pace
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    self._checkpoint(model, optimizer, scheduler, done)
+                if self.on_step_end is not None:
+                    self.on_step_end(done)
+        finally:
+            bar.close()
+            self.logger.close()
         model.eval()
         if ctx.is_main:
             save_model_dir(model, self.stage_dir / "model")
