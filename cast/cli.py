@@ -26,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--name", help="run name (folder under output_dir); default: the config's name")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set training.knowledge_transfer.steps=10")
-    sub.add_parser("run", parents=[common], help="run the whole CAST pipeline")
-    ablate = sub.add_parser("ablate", parents=[common], help="run one ablation study of the paper")
+    seeds = argparse.ArgumentParser(add_help=False)
+    seeds.add_argument("--seeds", type=_seeds, help="e.g. 0,1,2: repeat everything after the teacher over these "
+                       "seeds into runs/<name>/seed_<k>/ and report mean, std and per-seed values")
+    sub.add_parser("run", parents=[common, seeds], help="run the whole CAST pipeline")
+    ablate = sub.add_parser("ablate", parents=[common, seeds], help="run one ablation study of the paper")
     ablate.add_argument("--study", required=True, choices=ABLATION_STUDIES)
     sub.add_parser("pretrain-teacher", parents=[common], help="pretrain the demo's stand-in teacher")
     fo = sub.add_parser("fiftyone", help="open a run in the FiftyOne App (127.0.0.1)")
@@ -35,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     fo.add_argument("--port", type=int, default=5151)
     fo.add_argument("--data-root", help="data folder when it moved since the run")
     return parser
+
+
+def _seeds(text: str) -> list[int]:
+    from cast.pipeline.seeds import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fiftyone(args: argparse.Namespace) -> int:
@@ -74,15 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             from cast.pipeline.runner import run
 
-            run(cfg, ctx)
+            report = run(cfg, ctx, args.seeds)
             if ctx.is_main:
                 print((cfg.run_dir / "report.md").read_text())
+            if report.get("failed_seeds"):
+                return 1
         elif args.command == "ablate":
             from cast.pipeline.ablations import run_ablation
 
-            table = run_ablation(cfg, args.study, ctx)
+            table = run_ablation(cfg, args.study, ctx, args.seeds)
             if ctx.is_main:
                 print(table["markdown"])
+            if table.get("failed_seeds"):
+                return 1
         else:
             from cast.pipeline.teachers import pretrain_teacher
 

@@ -137,6 +137,11 @@ class CastConfig:
     name: str = "demo"
     output_dir: str = "runs"
     seed: int = 0
+    # The seed of what the seeds of one study share: the demo data, the labeled split, the stand-in
+    # teacher and the teacher stages (null: `seed`). `--seeds` sets it to its first seed.
+    teacher_seed: int | None = None
+    # Run folder where those shared stages, their pseudo-labels and evaluations live (null: the run's own).
+    shared_dir: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -149,6 +154,10 @@ class CastConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    @property
+    def shared_seed(self) -> int:
+        return self.seed if self.teacher_seed is None else self.teacher_seed
 
     def stage(self, stage: str) -> TrainConfig:
         return getattr(self.training, stage)
@@ -260,6 +269,8 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
     """Check every value that can be checked without touching data or models."""
     _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), source, "name",
            f"must be a plain folder name, got {cfg.name!r}")
+    for key in ("seed", "teacher_seed"):
+        _check(getattr(cfg, key) is None or getattr(cfg, key) >= 0, source, key, f"must be >= 0, got {getattr(cfg, key)}")
     dev = cfg.device
     _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), source,
            "device", f"must be auto, cpu, cuda or cuda:N, got {dev!r}")

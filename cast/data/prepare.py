@@ -32,7 +32,7 @@ def ensure_demo_data(cfg: CastConfig, ctx: DistContext = DistContext()) -> None:
         from cast.data.demo import generate
 
         d = cfg.data.demo
-        generate(cfg.data.root, seed=cfg.seed, image_size=d.image_size, num_source_train=d.num_source_train,
+        generate(cfg.data.root, seed=cfg.shared_seed, image_size=d.image_size, num_source_train=d.num_source_train,
                  num_target_train=d.num_target_train, num_target_val=d.num_target_val, max_objects=d.max_objects)
     barrier()
 
@@ -50,7 +50,7 @@ def prepare_data(cfg: CastConfig, split_path: str | Path, ctx: DistContext = Dis
     elif cfg.data.split_file is not None:
         split = load_split(cfg.data.split_file)
     else:
-        split = make_split(train.image_ids, cfg.data.labeled_fraction, cfg.seed)
+        split = make_split(train.image_ids, cfg.data.labeled_fraction, cfg.shared_seed)
     labeled, unlabeled = apply_split(train, split)
     if ctx.is_main and not split_path.is_file():
         save_split(split, split_path)

@@ -23,7 +23,9 @@ import torch
 from cast.config import CastConfig
 from cast.evaluation.evaluator import Evaluator
 from cast.models.auto import load_model
+from cast.pipeline.report import fmt, spread
 from cast.pipeline.runner import Pipeline, new_student
+from cast.pipeline.seeds import aggregate_rows, over_seeds, seed_config, seeds_summary
 from cast.pipeline.stages import reuse_or_train, stage_spec
 from cast.runs import RunFolder
 from cast.training.objective import Objective
@@ -72,7 +74,7 @@ class Ablation:
         """Pseudo-labels of the main run (computed there when needed)."""
         if teacher_name == "teacher_zero_shot":
             return self.main.pseudo_labels(teacher_name, self.main.teachers.zero_shot())
-        return self.main.pseudo_labels(teacher_name, load_model(self.main.folder.model(teacher_name)))
+        return self.main.pseudo_labels(teacher_name, load_model(self.main.stage_dir(teacher_name) / "model"))
 
 
 def _row(name: str, result: dict[str, Any], paper: Any, source: str) -> dict[str, Any]:
@@ -150,6 +152,8 @@ def label_fraction_study(a: Ablation) -> list[dict[str, Any]]:
             sub.output_dir = str(a.folder.root)
             sub.data.labeled_fraction = fraction
             sub.data.split_file = None
+            if cfg.shared_dir:  # the seeds of this fraction share its teacher stages
+                sub.shared_dir = str(Path(cfg.shared_dir) / "ablations" / "label_fraction" / sub.name)
             report = Pipeline(sub, a.ctx).run()
             refined = next(r for r in report["rows"] if r["model"] == "student_refinement")
             result, source = {"AP": refined["AP"], "AP50": refined["AP50"]}, f"sub-run {sub.name}"
@@ -168,33 +172,38 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def render_markdown(study: str, rows: list[dict[str, Any]], cfg: CastConfig) -> str:
+def render_markdown(study: str, rows: list[dict[str, Any]], cfg: CastConfig, seeds: list[int] | None = None) -> str:
+    over = f", mean ± std over seeds {', '.join(map(str, seeds))}" if seeds else ""
     lines = [f"# Ablation, {TITLES[study]}", "",
-             f"Run {cfg.name}: {cfg.data.kind} data, mask AP on val. Paper: Cityscapes 10 % (for reference).", "",
-             "| variant | AP | AP50 | paper AP | paper AP50 | source |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+             f"Run {cfg.name}: {cfg.data.kind} data, mask AP on val{over}. Paper: Cityscapes 10 % (for reference).",
+             "", "| variant | AP | AP50 | paper AP | paper AP50 | source |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | {_fmt(r['paper_AP'])} | "
-                     f"{_fmt(r['paper_AP50'])} | {r['source']} |")
+        lines.append(f"| {r['variant']} | {spread(r, 'AP')} | {spread(r, 'AP50')} | {fmt(r['paper_AP'])} | "
+                     f"{fmt(r['paper_AP50'])} | {r['source']} |")
     return "\n".join(lines) + "\n"
 
 
-def run_ablation(cfg: CastConfig, study: str, ctx: DistContext = DistContext()) -> dict[str, Any]:
-    """Run one study; writes ablations/<study>.json and .md and returns {"rows", "markdown"}."""
+def run_ablation(cfg: CastConfig, study: str, ctx: DistContext = DistContext(),
+                 seeds: list[int] | None = None) -> dict[str, Any]:
+    """Run one study (over `seeds`: each seed's in its folder, the table aggregated over them);
+    writes ablations/<study>.json and .md and returns {"rows", "markdown"}."""
     if study not in STUDIES:
         raise ValueError(f"unknown ablation study {study!r}; expected one of {', '.join(STUDIES)}")
-    with exclusive_folder(cfg.run_dir, enabled=ctx.is_main, label="run folder"):
-        a = Ablation(cfg, study, ctx)
-        rows = STUDIES[study](a)
-        markdown = render_markdown(study, rows, cfg)
-        table = {"study": study, "title": TITLES[study], "rows": rows, "markdown": markdown}
-        if ctx.is_main:
-            root: Path = a.main.folder.ablations
-            atomic_write_json(root / f"{study}.json", {k: v for k, v in table.items() if k != "markdown"},
-                              indent=2)
-            atomic_write_text(root / f"{study}.md", markdown)
-        barrier()
+    extra: dict[str, Any] = {}
+    if seeds:
+        tables, failures = over_seeds(cfg, seeds, lambda one: run_ablation(one, study, ctx), ctx)
+        if not tables:
+            raise RuntimeError(f"{cfg.run_dir}: every seed failed: {failures}")
+        rows = aggregate_rows({s: t["rows"] for s, t in tables.items()}, "variant")
+        extra = seeds_summary(seeds, failures, seed_config(cfg, seeds[0], seeds[0]).shared_dir)
+    else:
+        with exclusive_folder(cfg.run_dir, enabled=ctx.is_main, label="run folder"):
+            rows = STUDIES[study](Ablation(cfg, study, ctx))
+    markdown = render_markdown(study, rows, cfg, extra.get("seeds"))
+    table = {"study": study, "title": TITLES[study], "rows": rows, **extra, "markdown": markdown}
+    if ctx.is_main:
+        root = RunFolder(cfg.run_dir).ablations
+        atomic_write_json(root / f"{study}.json", {k: v for k, v in table.items() if k != "markdown"}, indent=2)
+        atomic_write_text(root / f"{study}.md", markdown)
+    barrier()
     return table

@@ -21,7 +21,8 @@ from cast.evaluation.evaluator import Evaluator
 from cast.models.student import CastStudent, build_student
 from cast.pipeline.pseudo_labels import PseudoLabeledImages, pseudo_label
 from cast.pipeline.report import make_report, make_row, write_report
-from cast.pipeline.stages import read_summary, reuse_or_train, stage_seed, stage_spec
+from cast.pipeline.seeds import aggregate_rows, over_seeds, seed_config, seeds_summary
+from cast.pipeline.stages import TEACHER_STAGES, read_summary, reuse_or_train, stage_seed, stage_spec
 from cast.pipeline.teachers import TeacherSource
 from cast.runs import STAGES, RunFolder
 from cast.training.checkpoint import seed_all
@@ -64,6 +65,8 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self.folder = RunFolder(self.cfg.run_dir)
+        # The teacher stages, their pseudo-labels and evaluations: shared by the seeds of a study.
+        self.shared = RunFolder(self.cfg.shared_dir) if self.cfg.shared_dir else self.folder
 
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -76,30 +79,35 @@ class Pipeline:
         prepare_run_folder(self.cfg, self.folder, self.ctx)
         self.data = self._timed("data", lambda: prepare_data(self.cfg, self.folder.split, self.ctx))
         self.evaluator = Evaluator(self.cfg, self.data.val, self.folder.root / "predictions", self.ctx)
+        self.teacher_evaluator = Evaluator(self.cfg, self.data.val, self.shared.root / "predictions", self.ctx)
         self.teachers = self._timed("teacher_pretrain", lambda: TeacherSource(self.cfg, self.data.classes, self.ctx))
 
     def stage(self, stage: str, make_model: Callable[[], torch.nn.Module], unlabeled: Any = None) -> torch.nn.Module:
         """The stage's trained model: loaded when the stage is complete, else trained (or resumed)."""
         evaluate = self.evaluator.during_training if self.cfg.stage(stage).eval_every else None
         start = time.perf_counter()
-        model, trained = reuse_or_train(stage_spec(stage, self.cfg, unlabeled), self.folder.stage(stage), make_model,
+        model, trained = reuse_or_train(stage_spec(stage, self.cfg, unlabeled), self.stage_dir(stage), make_model,
                                         self.cfg, self.data.labeled, unlabeled, self.ctx, evaluate)
         if trained:
             self.timings[stage] = round(time.perf_counter() - start, 2)
         return model
+
+    def stage_dir(self, stage: str) -> Path:
+        return (self.shared if stage in TEACHER_STAGES else self.folder).stage(stage)
 
     def pseudo_labels(self, teacher_name: str, teacher: torch.nn.Module) -> PseudoLabeledImages:
         """D_u pseudo-labeled by `teacher` (reused when teacher, images and thresholds are unchanged)."""
         d = self.cfg.data
         results = self._timed(f"pseudo_labels_{teacher_name}", lambda: pseudo_label(
             teacher, self.data.unlabeled, self.data.category_ids, self.cfg.pseudo_labels,
-            self.folder.pseudo_labels(teacher_name), self.folder.pseudo_label_manifest(teacher_name),
+            self.shared.pseudo_labels(teacher_name), self.shared.pseudo_label_manifest(teacher_name),
             d.test_size, d.eval_batch_size, self.ctx, teacher=teacher_name, num_workers=d.num_workers))
         return PseudoLabeledImages(self.data.unlabeled, results, self.data.category_ids)
 
     def evaluate(self, key: str, model: torch.nn.Module, stage_dir: Path | None) -> dict:
         """The report row of `model`; its training wall and machine come from the stage's summary."""
-        meta = self._timed(f"evaluate_{key}", lambda: self.evaluator(key, model))
+        evaluator = self.teacher_evaluator if key.startswith("teacher_") else self.evaluator
+        meta = self._timed(f"evaluate_{key}", lambda: evaluator(key, model))
         summary = (read_summary(stage_dir) if stage_dir is not None else None) or {}
         if summary.get("machine"):
             self.stage_machines["teacher_pretrain" if key == "teacher_zero_shot" else key] = \
@@ -128,14 +136,14 @@ class Pipeline:
 
         # 1a: adapt theta_T^0 on D_l.
         t1a = self.stage("teacher_adaptation", self.teachers.zero_shot)
-        rows.append(self.evaluate("teacher_adaptation", t1a, folder.stage("teacher_adaptation")))
+        rows.append(self.evaluate("teacher_adaptation", t1a, self.stage_dir("teacher_adaptation")))
         if stop_after == "teacher_adaptation":
             return {"rows": rows}
         # 1b: pseudo-label D_u with theta_T', restart from theta_T^0, train on D_l + pseudo D_u.
         pseudo_1a = self.pseudo_labels("teacher_adaptation", t1a)
         del t1a
         t1b = self.stage("teacher_self_training", self.teachers.zero_shot, pseudo_1a)
-        rows.append(self.evaluate("teacher_self_training", t1b, folder.stage("teacher_self_training")))
+        rows.append(self.evaluate("teacher_self_training", t1b, self.stage_dir("teacher_self_training")))
         if stop_after == "teacher_self_training":
             return {"rows": rows}
         # 2: the frozen adapted teacher pseudo-labels D_u for the student.
@@ -168,7 +176,29 @@ class Pipeline:
         return report
 
 
-def run(cfg: CastConfig, ctx: DistContext = DistContext()) -> dict[str, Any]:
-    """`python -m cast run`."""
-    seed_all(cfg.seed)
-    return Pipeline(cfg, ctx).run()
+def run(cfg: CastConfig, ctx: DistContext = DistContext(), seeds: list[int] | None = None) -> dict[str, Any]:
+    """`python -m cast run [--seeds ...]`: the report (with seeds, aggregated over them and
+    written to runs/<name>/report.json and report.md)."""
+    if not seeds:
+        seed_all(cfg.seed)
+        return Pipeline(cfg, ctx).run()
+
+    def one(seed_cfg: CastConfig) -> dict[str, Any]:
+        seed_all(seed_cfg.seed)
+        return Pipeline(seed_cfg, ctx).run()
+
+    reports, failures = over_seeds(cfg, seeds, one, ctx)
+    if not reports:
+        raise RuntimeError(f"{cfg.run_dir}: every seed failed: {failures}")
+    first = reports[min(reports)]
+    machines = {stage: m for r in reports.values() for stage, m in r.get("stage_machines", {}).items()}
+    report = make_report(aggregate_rows({s: r["rows"] for s, r in reports.items()}, "model"), cfg,
+                         {**seeds_summary(seeds, failures, seed_config(cfg, seeds[0], seeds[0]).shared_dir),
+                          "split": first["split"], "machine": first["machine"], "stage_machines": machines,
+                          "total_wall_s": sum(r["total_wall_s"] for r in reports.values())})
+    folder = RunFolder(cfg.run_dir)
+    if ctx.is_main:
+        write_report(report, folder.report_json, folder.report_md)
+        plot_report(report["rows"], folder.plots / "ap.png")
+    barrier()
+    return report

@@ -55,8 +55,12 @@ def stage_objective(stage: str, cfg: CastConfig) -> Objective:
             "teacher_pretrain": Objective(0.0, 0.0)}[stage]
 
 
+# Stages the seeds of one study share (their seed is cfg.shared_seed).
+TEACHER_STAGES = ("teacher_pretrain", "teacher_adaptation", "teacher_self_training")
+
+
 def stage_seed(cfg: CastConfig, stage: str) -> int:
-    return cfg.seed * 1000 + STAGE_SEEDS.get(stage, 999)
+    return (cfg.shared_seed if stage in TEACHER_STAGES else cfg.seed) * 1000 + STAGE_SEEDS.get(stage, 999)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+"""`--seeds`: a run repeated over seeds of everything after the teacher, the shared part made once,
+the report aggregated (mean, std, per-seed values), a failing seed not losing the others."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import yaml
+
+from cast.cli import main
+from cast.pipeline import runner
+from cast.pipeline.seeds import aggregate_rows, parse_seeds
+from cast.runs import STAGES, RunFolder
+from test_pipeline import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeds")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(root)))
+    assert main(["run", "--config", str(config), "--seeds", "0,1"]) == 0
+    return config, root / "runs" / "tiny"
+
+
+@pytest.mark.slow
+def test_each_seed_runs_after_the_shared_teacher_and_the_report_aggregates(seeded):
+    _, run_dir = seeded
+    shared = RunFolder(run_dir / "shared")
+    assert shared.available_models() == ["teacher_adaptation", "teacher_self_training"]  # trained once
+    per_seed = {}
+    for seed in (0, 1):
+        folder = RunFolder(run_dir / f"seed_{seed}")
+        assert folder.available_models() == ["knowledge_transfer", "student_refinement", "student_supervised"]
+        config = yaml.safe_load(folder.config.read_text())
+        assert (config["seed"], config["teacher_seed"], config["shared_dir"]) == (seed, 0, str(shared.root))
+        per_seed[seed] = {r["model"]: r for r in json.loads(folder.report_json.read_text())["rows"]}
+    # the seeds share the teacher (same rows) and differ after it
+    for key in ("teacher_zero_shot", "teacher_adaptation", "teacher_self_training"):
+        assert per_seed[0][key]["AP"] == per_seed[1][key]["AP"]
+    settings = [json.loads((run_dir / f"seed_{s}" / "stages" / "student_supervised" / "summary.json").read_text())
+                ["settings"] for s in (0, 1)]
+    assert settings[0]["seed"] != settings[1]["seed"] and settings[0]["initial_weights"] != settings[1]["initial_weights"]
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["seeds"] == [0, 1] and report["failed_seeds"] == {}
+    for row in report["rows"]:
+        values = [per_seed[s][row["model"]]["AP"] for s in (0, 1)]
+        assert row["AP_seeds"] == {"0": values[0], "1": values[1]}
+        assert row["AP"] == pytest.approx(statistics.fmean(values), abs=0.006)
+        assert row["AP_std"] == pytest.approx(statistics.stdev(values), abs=0.006)
+        assert {"name", "model", "AP50", "params_m"} <= set(row)
+    md = (run_dir / "report.md").read_text()
+    assert "±" in md and "AP per seed" in md and "(mean over seeds 0, 1)" in md
+
+
+@pytest.mark.slow
+def test_a_second_seeded_run_reuses_everything(seeded):
+    config, run_dir = seeded
+    models = {p: p.stat().st_mtime_ns for p in run_dir.rglob("model.safetensors")}
+    assert len(models) == 2 + 2 * 3 + 0  # shared 1a, 1b; three student stages per seed
+    assert main(["run", "--config", str(config), "--seeds", "0,1"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in models} == models
+
+
+@pytest.mark.slow
+def test_a_failing_seed_does_not_lose_the_others(seeded, monkeypatch, capsys):
+    config, run_dir = seeded
+    real = runner.Pipeline.run
+
+    def flaky(self, stop_after=None):
+        if self.cfg.seed == 1:
+            raise RuntimeError("injected failure")
+        return real(self, stop_after)
+
+    monkeypatch.setattr(runner.Pipeline, "run", flaky)
+    assert main(["run", "--config", str(config), "--seeds", "0,1", "--name", "flaky"]) == 1
+    report = json.loads((run_dir.parent / "flaky" / "report.json").read_text())
+    assert report["seeds"] == [0, 1] and report["failed_seeds"] == {"1": "RuntimeError: injected failure"}
+    assert all(row["AP_seeds"].keys() == {"0"} for row in report["rows"])
+    assert "Seed 1 failed: RuntimeError: injected failure" in (run_dir.parent / "flaky" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_an_ablation_over_seeds_aggregates_its_table(seeded):
+    config, run_dir = seeded
+    assert main(["ablate", "--config", str(config), "--study", "samplers", "--seeds", "0,1"]) == 0
+    table = json.loads((run_dir / "ablations" / "samplers.json").read_text())
+    per_seed = [json.loads((run_dir / f"seed_{s}" / "ablations" / "samplers.json").read_text()) for s in (0, 1)]
+    for i, row in enumerate(table["rows"]):
+        values = [t["rows"][i]["AP"] for t in per_seed]
+        assert row["AP_seeds"] == {"0": values[0], "1": values[1]}
+        assert row["AP"] == pytest.approx(statistics.fmean(values), abs=0.006)
+    assert "mean ± std over seeds 0, 1" in (run_dir / "ablations" / "samplers.md").read_text()
+
+
+def test_seed_lists_and_aggregation():
+    assert parse_seeds("0,1, 2") == [0, 1, 2]
+    for bad in ("", "1,1", "-1", "a"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+    rows = aggregate_rows({0: [{"model": "m", "AP": 10.0, "AP50": 20.0, "params_m": 1.0}],
+                           1: [{"model": "m", "AP": 14.0, "AP50": 30.0, "params_m": 1.0}]}, "model")
+    assert rows == [{"model": "m", "AP": 12.0, "AP_std": 2.83, "AP_seeds": {"0": 10.0, "1": 14.0}, "AP50": 25.0,
+                     "AP50_std": 7.07, "AP50_seeds": {"0": 20.0, "1": 30.0}, "params_m": 1.0}]
+    assert STAGES[:2] == ("teacher_adaptation", "teacher_self_training")
