@@ -85,6 +85,9 @@ class TeacherConfig(ZeroShotSettings):
     grounding_dino_dir: str | None = None  # local hub folders of a foundation-model teacher
     sam_dir: str | None = None
     sam3_dir: str | None = None  # kind=sam3: a facebook/sam3 folder; box_threshold is its instance-score threshold
+    # Stand-in: keep its image encoder as pretrained through 1a / 1b, as a foundation model's image
+    # encoder is kept (SAM's, in the paper); only its neck and decoder adapt.
+    freeze_encoder: bool = False
     pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
 
 

@@ -211,3 +211,20 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
     assert f"run folder {tmp_path / 'runs' / 'tiny'} is in use by another process (pid {child.pid})" in \
         capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_a_frozen_stand_in_encoder_stays_as_pretrained_through_1a_and_1b(tiny_run):
+    from safetensors.torch import load_file
+
+    config, folder = tiny_run
+    assert main(["run", "--config", str(config), "--name", "frozen", "--set", "teacher.freeze_encoder=true"]) == 0
+    frozen = RunFolder(folder.root.parent / "frozen")
+    pretrained = load_file(next((folder.root.parents[1] / "data" / "cache").glob("standin-*")) / "model" /
+                           "model.safetensors")
+    for stage in ("teacher_adaptation", "teacher_self_training"):
+        adapted = load_file(frozen.model(stage) / "model.safetensors")
+        encoder = [k for k in adapted if k.startswith("encoder.")]
+        assert encoder and all(torch.equal(adapted[k], pretrained[k]) for k in encoder), stage
+        assert any(not torch.equal(adapted[k], pretrained[k]) for k in adapted if k.startswith("decoder."))
+        assert json.loads((frozen.stage(stage) / "summary.json").read_text())["settings"]["frozen_parameters"]

@@ -305,3 +305,14 @@ def test_overfits_one_batch():
     assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5])
     ap = coco_mask_ap(model.predict(images), targets, num_classes=2)
     assert ap > 80, ap
+
+
+def test_a_frozen_encoder_does_not_train_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    model = build_student("cast-tiny", num_classes=2).freeze_encoder()
+    model.train()
+    assert not model.encoder.training and model.decoder.training
+    groups = model.parameter_groups(1e-3, 0.0, 0.1)
+    trainable = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in trainable for p in model.encoder.parameters())
+    assert any(id(p) in trainable for p in model.decoder.parameters())

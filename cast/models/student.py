@@ -63,6 +63,20 @@ class CastStudent(nn.Module):
     def classes(self) -> list[str]:
         return list(self.config.class_names)
 
+    def freeze_encoder(self) -> "CastStudent":
+        """Keep the encoder as it is while the rest trains: no gradient, and eval mode (no stochastic
+        depth) even when the model trains. Not saved: a loaded model trains whole."""
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        self._frozen_encoder = True
+        return self
+
+    def train(self, mode: bool = True) -> "CastStudent":
+        super().train(mode)
+        if getattr(self, "_frozen_encoder", False):
+            self.encoder.eval()
+        return self
+
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
                 targets: list[dict[str, torch.Tensor]] | None = None) -> SegmentationOutput:
         """pixel_values (B, 3, H, W) in [0, 1]; pixel_mask (B, H, W) True on real pixels; targets

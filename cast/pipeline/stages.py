@@ -88,6 +88,7 @@ def stage_settings(spec: StageSpec, model: torch.nn.Module, cfg: CastConfig, lab
     """What a stage's result is a function of: its starting weights, its data (pseudo-labels
     included), its hyper-parameters and seed."""
     d = cfg.data
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     settings = {
         "stage": spec.stage, "seed": spec.seed, "objective": dataclasses.asdict(spec.objective),
         "train": {k: v for k, v in dataclasses.asdict(spec.train).items() if k not in BOOKKEEPING},
@@ -95,6 +96,7 @@ def stage_settings(spec: StageSpec, model: torch.nn.Module, cfg: CastConfig, lab
                     "unlabeled_batch_size": d.unlabeled_batch_size if spec.uses_unlabeled else None},
         "losses": dataclasses.asdict(cfg.losses) if spec.objective.lambda_pxl > 0 else None,
         "initial_weights": weights_hash(model),
+        "frozen_parameters": json_digest(frozen) if frozen else None,
         "labeled_images": json_digest(image_ids_of(labeled)),
         "unlabeled_images": json_digest([image_ids_of(unlabeled), getattr(unlabeled, "digest", None)])
         if spec.uses_unlabeled else None,

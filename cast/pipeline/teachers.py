@@ -91,7 +91,10 @@ class TeacherSource:
 
     def zero_shot(self) -> torch.nn.Module:
         if self.standin is not None:
-            return load_model(self.standin)
+            model = load_model(self.standin)
+            if self.cfg.teacher.freeze_encoder:
+                model.freeze_encoder()
+            return model
         from cast.teachers.hub import zero_shot_teacher
 
         return zero_shot_teacher(self.cfg.teacher, self.classes, self.cfg.losses.embedding_stride)
