@@ -161,3 +161,15 @@ def test_command_line(tmp_path, capsys):
     assert manifest["params"]["image_size"] == 48
     assert Counter(p.parent.parent.name for p in tmp_path.rglob("*.png")) == {
         "source_train": 2, "target_train": 1, "target_val": 1}
+
+
+def test_the_source_domain_does_not_depend_on_the_target_counts(tmp_path):
+    """The stand-in teacher's cache relies on it: more target images leave its training set as it is."""
+    generate(tmp_path / "a", seed=0, progress=False, **SMALL)
+    generate(tmp_path / "b", seed=0, progress=False, **dict(SMALL, num_target_train=SMALL["num_target_train"] + 3,
+                                                          num_target_val=1))
+    for name in ("annotations.json", "images/000000.png", "images/000001.png"):
+        assert (tmp_path / "a" / "source_train" / name).read_bytes() == (tmp_path / "b" / "source_train" / name).read_bytes()
+    # and the first target images are the same ones
+    assert (tmp_path / "a/target_train/images/000000.png").read_bytes() == \
+        (tmp_path / "b/target_train/images/000000.png").read_bytes()

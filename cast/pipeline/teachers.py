@@ -36,7 +36,9 @@ def standin_dir(cfg: CastConfig, classes: Sequence[str]) -> Path:
     identity = {"preset": cfg.teacher.preset, "overrides": cfg.teacher.preset_overrides,
                 "embedding_stride": cfg.losses.embedding_stride,
                 "train": dataclasses.asdict(cfg.teacher.pretrain.train), "source": cfg.teacher.pretrain.source,
-                "data_root": str(Path(cfg.data.root).resolve()), "demo": dataclasses.asdict(cfg.data.demo),
+                # The source images do not depend on how many target images the demo set draws.
+                "data_root": str(Path(cfg.data.root).resolve()),
+                "demo": {k: v for k, v in dataclasses.asdict(cfg.data.demo).items() if not k.startswith("num_target")},
                 "crop_size": cfg.data.crop_size, "batch_size": cfg.data.batch_size, "seed": cfg.shared_seed,
                 "classes": list(classes), "code_version": cast.__version__}
     return Path(cfg.teacher.pretrain.cache_dir) / f"standin-{cfg.teacher.preset}-{json_digest(identity)[:16]}"
