@@ -12,13 +12,11 @@ import pytest
 import torch
 from transformers import Sam3Model
 
-from cast.config import TrainConfig, config_from_dict
 from cast.data.demo import DEMO_CLASSES
-from cast.pipeline.stages import stage_spec, train_stage
 from cast.structures import InstanceSample
 from cast.teachers.sam3 import Sam3Settings, Sam3Teacher, random_sam3_teacher
 from cast.teachers.sam3_configs import clip_like_tokenizer, sam3_config
-from cast.training.objective import Objective
+from test_vfm_teacher import adapt_one_step
 
 CLASSES = list(DEMO_CLASSES)
 
@@ -133,20 +131,9 @@ def training_samples(n: int = 4) -> list[InstanceSample]:
 
 
 def test_one_adaptation_step_trains_only_the_trainable_parts(sam3_dir, tmp_path):
-    teacher = Sam3Teacher.from_hub_folder(sam3_dir, classes=CLASSES, mask_points=256)
-    before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
-    cfg = config_from_dict({"device": "cpu", "data": {"crop_size": [64, 64], "batch_size": 2},
-                            "losses": {"lambda_pxl": 0.1, "num_negatives": 8, "embedding_stride": 8}})
     stage_dir = tmp_path / "teacher_adaptation"
-    spec = stage_spec("teacher_adaptation", cfg, objective=Objective(0.0, 0.1),
-                      train=TrainConfig(steps=1, lr=1e-3, checkpoint_every=1))
-    trained = train_stage(spec, teacher, cfg, training_samples(), None, stage_dir)
-    metrics = (stage_dir / "metrics.jsonl").read_text()
-    assert "loss_sup" in metrics and "loss_pxl_labeled" in metrics
-
-    params = dict(trained.named_parameters())
-    changed = {name for name, p in params.items() if not torch.equal(p, before[name])}
-    frozen = {name for name, p in params.items() if not p.requires_grad}
+    trained, params, changed, frozen = adapt_one_step(
+        Sam3Teacher.from_hub_folder(sam3_dir, classes=CLASSES, mask_points=256), training_samples(), stage_dir)
     assert frozen and not changed & frozen
     for prefix in ("sam3.vision_encoder.", "sam3.text_encoder.", "sam3.text_projection.", "sam3.geometry_encoder.",
                    "sam3.detr_encoder.", "sam3.mask_decoder.semantic_projection."):

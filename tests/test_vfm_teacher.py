@@ -142,21 +142,25 @@ def training_samples(n: int = 4) -> list[InstanceSample]:
     return samples
 
 
-def test_one_adaptation_step_trains_only_the_trainable_parts(folders, tmp_path):
-    teacher = load_teacher(folders, "sam2")
+def adapt_one_step(teacher: torch.nn.Module, samples: list, stage_dir: Path):
+    """One step of stage 1a (with L_pxl) through the stage trainer: (trained teacher, its
+    parameters by name, the names that changed, the frozen names)."""
     before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
     cfg = config_from_dict({"device": "cpu", "data": {"crop_size": [64, 64], "batch_size": 2},
                             "losses": {"lambda_pxl": 0.1, "num_negatives": 8, "embedding_stride": 8}})
-    stage_dir = tmp_path / "teacher_adaptation"
     spec = stage_spec("teacher_adaptation", cfg, objective=Objective(0.0, 0.1),
                       train=TrainConfig(steps=1, lr=1e-3, checkpoint_every=1))
-    trained = train_stage(spec, teacher, cfg, training_samples(), None, stage_dir)
+    trained = train_stage(spec, teacher, cfg, samples, None, stage_dir)
     metrics = (stage_dir / "metrics.jsonl").read_text()
     assert "loss_sup" in metrics and "loss_pxl_labeled" in metrics
-
     params = dict(trained.named_parameters())
     changed = {name for name, p in params.items() if not torch.equal(p, before[name])}
-    frozen = {name for name, p in params.items() if not p.requires_grad}
+    return trained, params, changed, {name for name, p in params.items() if not p.requires_grad}
+
+
+def test_one_adaptation_step_trains_only_the_trainable_parts(folders, tmp_path):
+    stage_dir = tmp_path / "teacher_adaptation"
+    trained, params, changed, frozen = adapt_one_step(load_teacher(folders, "sam2"), training_samples(), stage_dir)
     assert frozen and not changed & frozen  # text encoder, SAM image + prompt encoders bit-identical
     for prefix in ("detector.model.text_backbone.", "sam.vision_encoder.", "sam.prompt_encoder."):
         assert {name for name in params if name.startswith(prefix)} <= frozen
