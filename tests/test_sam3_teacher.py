@@ -16,7 +16,7 @@ from cast.data.demo import DEMO_CLASSES
 from cast.structures import InstanceSample
 from cast.teachers.sam3 import Sam3Settings, Sam3Teacher, random_sam3_teacher
 from cast.teachers.sam3_configs import clip_like_tokenizer, sam3_config
-from test_vfm_teacher import adapt_one_step
+from test_vfm_teacher import adapt_one_step, training_samples
 
 CLASSES = list(DEMO_CLASSES)
 
@@ -117,17 +117,6 @@ def test_stub_masks_land_where_sam3_puts_them_at_original_resolution():
             inner = (ys > y0 * h + tol_y) & (ys < y1 * h - tol_y) & (xs > x0 * w + tol_x) & (xs < x1 * w - tol_x)
             outer = (ys > y0 * h - tol_y) & (ys < y1 * h + tol_y) & (xs > x0 * w - tol_x) & (xs < x1 * w + tol_x)
             assert inner.any() and (mask >= inner).all() and (mask <= outer).all()
-
-
-def training_samples(n: int = 4) -> list[InstanceSample]:
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(n):
-        masks = np.zeros((2, 64, 64), bool)
-        masks[0, 5:30, 8:40] = masks[1, 36:60, 30:62] = True
-        samples.append(InstanceSample(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), masks=masks,
-                                      labels=np.array([i % 4, (i + 1) % 4]), image_id=i))
-    return samples
 
 
 def test_one_adaptation_step_trains_only_the_trainable_parts(sam3_dir, tmp_path):
