@@ -7,16 +7,14 @@ import itertools
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from transformers import Sam3Model
 
 from cast.data.demo import DEMO_CLASSES
-from cast.structures import InstanceSample
 from cast.teachers.sam3 import Sam3Settings, Sam3Teacher, random_sam3_teacher
 from cast.teachers.sam3_configs import clip_like_tokenizer, sam3_config
-from test_vfm_teacher import adapt_one_step, training_samples
+from test_vfm_teacher import adapt_one_step, batch, training_samples
 
 CLASSES = list(DEMO_CLASSES)
 
@@ -35,16 +33,6 @@ def write_sam3_folder(root: Path, classes: list[str] = CLASSES) -> Path:
 def sam3_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     return write_sam3_folder(tmp_path_factory.mktemp("sam3"))
-
-
-def batch(seed: int = 0):
-    """Two images padded into one 64 x 96 canvas: a full one and a 48 x 80 one."""
-    g = torch.Generator().manual_seed(seed)
-    pixel_values = torch.rand(2, 3, 64, 96, generator=g)
-    pixel_mask = torch.ones(2, 64, 96, dtype=torch.bool)
-    pixel_mask[1, 48:] = pixel_mask[1, :, 80:] = False
-    pixel_values[1] *= pixel_mask[1]
-    return pixel_values, pixel_mask, [(64, 96), (48, 80)], [(64, 96), (96, 160)]
 
 
 def test_zero_shot_predict_from_a_hub_folder(sam3_dir):
