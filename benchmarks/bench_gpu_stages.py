@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PeakMemory, add_common_arguments, machine_info, precision, setup, summary_row,  # noqa: E402
                     sync, write_results)
 from cast.config import LossConfig, TrainConfig  # noqa: E402
-from cast.data.loader import InstanceTorchDataset, collate_instances  # noqa: E402
-from cast.data.views import WeakStrongViews  # noqa: E402
+from cast.data.batches import InstanceTorchDataset, collate_instances  # noqa: E402
+from cast.data.batches import WeakStrongViews  # noqa: E402
 from cast.structures import InstanceSample  # noqa: E402
-from cast.training.distributed import DistContext  # noqa: E402
+from cast.utils.distributed import DistContext  # noqa: E402
 from cast.training.optim import build_optimizer  # noqa: E402
 from cast.training.objective import Objective  # noqa: E402
 from cast.training.trainer import NonFiniteLossError, TrainData, Trainer, build_contrastive  # noqa: E402
