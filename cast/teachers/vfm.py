@@ -49,6 +49,7 @@ from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForOb
                           SamConfig, SamModel)
 from transformers.models.grounding_dino.modeling_grounding_dino import SPECIAL_TOKENS
 
+from cast.inference.api import PredictImages
 from cast.models.outputs import SegmentationOutput
 from cast.models.param_groups import adamw_parameter_groups
 from cast.structures import Instances
@@ -108,7 +109,7 @@ class TeacherSettings:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
 
-class GroundingDinoSamTeacher(nn.Module):
+class GroundingDinoSamTeacher(PredictImages, nn.Module):
     """Grounding-DINO + SAM 2 / SAM as one segmentation model (see the module docstring).
 
     Images arrive in [0, 1] (B, 3, H, W), padded bottom/right; `pixel_mask` marks real pixels.
