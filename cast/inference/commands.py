@@ -89,13 +89,13 @@ def predict(args: argparse.Namespace, ctx: DistContext, output_name: str = "pred
             out: str | None = None, quiet: bool = False) -> Path | None:
     """`predict`: the model of --model on every image of --source into --out (rank 0 returns the json)."""
     from cast.inference.sources import open_source
-    from cast.inference.stream import stream_predictions
+    from cast.inference.stream import OVERLAYS, stream_predictions
 
     out_dir = Path(out or args.out)
     if ctx.is_main:
         check_writable(out_dir)
     model, identity = open_model(args.model, ctx.device)
-    source = open_source(args.source, model.classes, strict=args.strict, exclude=out_dir)
+    source = open_source(args.source, model.classes, strict=args.strict, exclude=out_dir / OVERLAYS)
     if getattr(args, "require_categories", False) and source.kind == "coco":
         _require_categories(source, model.classes)
     test_size = args.test_size if args.test_size is not None else getattr(model, "default_test_size", None)
@@ -116,7 +116,7 @@ def _require_categories(source: Any, classes: list[str]) -> None:
 def label(args: argparse.Namespace, ctx: DistContext) -> None:
     """`label`: zero-shot instances of a folder by the foundation-model teacher, as a COCO training set."""
     from cast.inference.sources import open_source
-    from cast.inference.stream import stream_predictions
+    from cast.inference.stream import OVERLAYS, stream_predictions
     from cast.models.protocol import weights_hash
 
     classes = parse_classes(args.classes)
@@ -124,7 +124,7 @@ def label(args: argparse.Namespace, ctx: DistContext) -> None:
     if ctx.is_main:
         check_writable(out_dir)
     teacher = build_teacher(args, classes).to(ctx.device).eval()
-    source = open_source(args.source, classes, strict=args.strict, exclude=out_dir)
+    source = open_source(args.source, classes, strict=args.strict, exclude=out_dir / OVERLAYS)
     identity = {"teacher": args.teacher, "grounding_dino": os.path.abspath(args.grounding_dino),
                 "sam": os.path.abspath(args.sam), "weights": weights_hash(teacher)}
     options = _options(args, "annotations.json", args.test_size, 0.0)
@@ -156,6 +156,9 @@ def build_teacher(args: argparse.Namespace, classes: list[str]) -> torch.nn.Modu
     if problems:
         key, problem = problems[0]
         raise UsageError(f"--{key.replace('_', '-')} {problem}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr keeps our progress bar and our one-line errors
     try:
         return zero_shot_teacher(config, classes, projection_stride=8)
     except FileNotFoundError as e:
@@ -164,6 +167,8 @@ def build_teacher(args: argparse.Namespace, classes: list[str]) -> torch.nn.Modu
         message = str(e)
         raise UsageError(f"--classes {args.classes!r}: {message}" if message.startswith("class ")
                          or "prompt" in message else message) from None
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def export(args: argparse.Namespace) -> None:
@@ -213,7 +218,11 @@ def evaluate(args: argparse.Namespace, ctx: DistContext) -> None:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
     else:
-        path, results = Path(args.predictions), load_predictions(args.predictions)
+        path = Path(args.predictions)
+        try:
+            results = load_predictions(path)
+        except ValueError as e:
+            raise DataError(path, str(e).removeprefix(f"{path}: ")) from None
     if not ctx.is_main:
         return
     try:

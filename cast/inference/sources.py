@@ -40,7 +40,7 @@ def open_source(path: str | os.PathLike, classes: Sequence[str], strict: bool = 
 
     A COCO json keeps its image ids and, when its categories name every one of `classes`, their
     ids (so that the predictions score against it); otherwise categories are 1..C in `classes`'
-    order. `exclude`: a folder whose files are never taken (the command's own output folder).
+    order. `exclude`: a folder whose files are never taken (the command's own overlays).
     Raises `DataError` (naming the path) when there is nothing to predict on.
     """
     path = Path(path)

@@ -37,6 +37,7 @@ from cast.utils.distributed import DistContext, all_gather_objects, barrier
 from cast.utils.io import atomic_save, atomic_write_json, read_json
 
 SHARDS = ".shards"
+OVERLAYS = "overlays"  # <out>/overlays/: never read back as input when <out> lies inside the source folder
 
 
 @dataclass
@@ -231,7 +232,7 @@ def _predict_items(model: Any, items: list[dict[str, Any]], pending: dict[str, l
 def overlay_path(out_dir: Path, record: ImageRecord) -> Path:
     """<out>/overlays/<the image's name in its source>.png (no part of it leaving the folder)."""
     parts = [p for p in Path(record.file_name).parts if p not in ("..", ".", "/") and not p.endswith(":\\")]
-    return out_dir.joinpath("overlays", *parts[:-1], f"{parts[-1] if parts else record.image_id}.png")
+    return out_dir.joinpath(OVERLAYS, *parts[:-1], f"{parts[-1] if parts else record.image_id}.png")
 
 
 def _save_overlay(out_dir: Path, record: ImageRecord, image: Any, inst: Any, classes: list[str]) -> None:
