@@ -71,3 +71,15 @@ def test_bad_class_names_and_folders_are_usage_errors(hub, tmp_path, capsys):
                  *map(str, args), "--classes", "disc"]) == 2
     assert "absent: Grounding-DINO folder not found" in capsys.readouterr().err
     assert not (tmp_path / "out" / "annotations.json").exists()
+
+
+def test_predict_runs_a_saved_teacher_folder_like_a_student(tmp_path, capsys):
+    from cast.teachers.vfm import random_teacher
+
+    random_teacher(CLASSES, box_threshold=0.0, text_threshold=0.0, max_instances=2).save_pretrained(tmp_path / "t")
+    write_images(tmp_path / "images", 2)
+    assert main(["predict", "--model", str(tmp_path / "t"), "--source", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "out"), "--score-threshold", "0"]) == 0
+    data = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [c["name"] for c in data["categories"]] == CLASSES and len(data["images"]) == 2
+    assert 0 < len(data["annotations"]) <= 4

@@ -72,8 +72,8 @@ def test_folder_to_one_coco_instances_json(setup, tmp_path):
     data = json.loads((out / "predictions.json").read_text())
     files = sorted(p.relative_to(root / "images").as_posix() for p in paths)
     assert [im["id"] for im in data["images"]] == [1, 2, 3, 4, 5]
-    # named relative to the json's folder, as COCO readers resolve them
-    assert [im["file_name"] for im in data["images"]] == [os.path.relpath(root / "images" / f, out) for f in files]
+    # images outside the json's folder are named by their absolute path (below it: relative, see test_label)
+    assert [im["file_name"] for im in data["images"]] == [str(root / "images" / f) for f in files]
     assert data["categories"] == [{"id": 1, "name": "disc", "supercategory": ""},
                                   {"id": 2, "name": "square", "supercategory": ""}]
     assert data["annotations"] and [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
@@ -92,6 +92,25 @@ def test_folder_to_one_coco_instances_json(setup, tmp_path):
     sample = dataset[0]
     assert sample.image.shape[:2] == tuple(sizes[1]) and len(sample.masks) == sum(
         a["image_id"] == 1 for a in data["annotations"])
+
+
+@pytest.mark.slow
+def test_the_predictions_open_in_fiftyone(setup, tmp_path):
+    fo = pytest.importorskip("fiftyone")
+    root, paths = setup
+    write_images(tmp_path / "images", 2)
+    for out in (tmp_path / "images", tmp_path / "elsewhere"):  # file names relative, then absolute
+        assert predict("--model", root / "student", "--source", tmp_path / "images", "--out", out,
+                       "--score-threshold", "0.1") == 0
+        data = json.loads((out / "predictions.json").read_text())
+        dataset = fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, data_path=str(out),
+                                      labels_path=str(out / "predictions.json"), label_types="segmentations",
+                                      label_field="predictions")
+        try:
+            assert len(dataset) == 2 and sum(len(s.predictions.detections) for s in dataset
+                                             if s.predictions) == len(data["annotations"]) > 0
+        finally:
+            dataset.delete()
 
 
 def test_one_image_and_the_python_api_agree(setup, tmp_path):

@@ -4,7 +4,8 @@ segmentation at the image's stored resolution, area, bbox, iscrowd 0, score).
 
 The file reads back as a `data.kind: coco` split (`cast.data.coco.read_coco`), in pycocotools
 (`COCO(path)`, and `loadRes` of its annotations) and in FiftyOne's COCO importer: `file_name` is
-the image's path relative to the json's folder, as those readers resolve it.
+the image's path relative to the json's folder when it lies below it, else its absolute path
+(`relative_name`).
 """
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ DESCRIPTION = "instance predictions written by the CAST workbench"
 
 
 def relative_name(path: str | os.PathLike, json_dir: str | os.PathLike) -> str:
-    """`path` relative to the folder of the json that names it (posix separators)."""
-    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(json_dir))).as_posix()
+    """The `file_name` of the image at `path` in a json in `json_dir`: its path relative to that
+    folder when it lies below it (e.g. `label --out` the image folder itself: the pair moves
+    together), else its absolute path; posix separators. Both resolve the same way in the
+    project's coco reader, pycocotools' users and FiftyOne (`data_path` = the json's folder)."""
+    path, json_dir = os.path.abspath(path), os.path.abspath(json_dir)
+    relative = os.path.relpath(path, json_dir)
+    return Path(path if relative.startswith("..") else relative).as_posix()
 
 
 def image_entry(image_id: int, file_name: str, height: int, width: int) -> dict[str, Any]:
@@ -46,15 +52,16 @@ def categories(classes: Sequence[str], category_ids: Sequence[int]) -> list[dict
     return [{"id": int(c), "name": str(name), "supercategory": ""} for c, name in zip(category_ids, classes)]
 
 
-def write_instances_json(path: str | os.PathLike, info: dict[str, Any], cats: list[dict[str, Any]],
+def write_instances_json(path: str | os.PathLike, info: dict[str, Any] | Callable[[], dict[str, Any]],
+                         cats: list[dict[str, Any]],
                          parts: Callable[[], Iterable[tuple[list[dict], list[dict]]]]) -> tuple[int, int]:
     """Write the json atomically from `parts()`, an iterable of (images, annotations) pieces that is
     called twice (images first, then annotations, numbered 1..N in order), so that only one piece
-    is ever in memory. Returns the numbers of images and of annotations."""
+    is ever in memory; `info` (or what `info()` returns once both passes are done) is written last.
+    Returns the numbers of images and of annotations."""
     count = num_images = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": ' + json.dumps(cats)
-                + ', "images": [')
+        f.write('{"licenses": [], "categories": ' + json.dumps(cats) + ', "images": [')
         for images, _ in parts():
             for image in images:
                 f.write(("" if num_images == 0 else ", ") + json.dumps(image))
@@ -64,16 +71,16 @@ def write_instances_json(path: str | os.PathLike, info: dict[str, Any], cats: li
             for annotation in annotations:
                 count += 1
                 f.write(("" if count == 1 else ", ") + json.dumps({"id": count, **annotation}))
-        f.write("]}\n")
+        f.write('], "info": ' + json.dumps(info() if callable(info) else info) + "}\n")
     return num_images, count
 
 
 def save_coco(instances: Sequence[Instances], images: Sequence[Any], path: str | os.PathLike,
               classes: Sequence[str] | None = None, category_ids: Sequence[int] | None = None) -> Path:
     """Write `instances` (from `model.predict_images(images)`) of `images` as a COCO instances json
-    at `path`. Image i gets id i + 1; a path image is named relative to the json's folder, an
-    in-memory image "image_<id>.png" (no such file: write it there to make the json readable as a
-    data set). `classes`: the model's class names (default class_0..); category ids default to 1..C."""
+    at `path`. Image i gets id i + 1; a path image is named as `relative_name` says, an in-memory
+    image "image_<id>.png" (no such file: write it there to make the json readable as a data set).
+    `classes`: the model's class names (default class_0..); category ids default to 1..C."""
     path = Path(path)
     if len(instances) != len(images):
         raise ValueError(f"{len(instances)} instance sets for {len(images)} images")

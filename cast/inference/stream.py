@@ -127,15 +127,18 @@ def stream_predictions(model: Any, source: ImageSource, out_dir: str | os.PathLi
     missing = [k for k in range(len(chunks)) if not _chunk_path(shards, k).is_file()]
     if missing:
         raise DataError(shards, f"{len(missing)} chunks were not written (e.g. {missing[0]}); run the command again")
-    skipped = list(source.skipped)
-    for k in range(len(chunks)):
-        skipped += read_json(_chunk_path(shards, k))["skipped"]
-    info = {"description": DESCRIPTION, "source": str(source.path), "skipped_images": skipped}
+    skipped, passes = list(source.skipped), []
 
     def parts():
+        passes.append(len(passes))
         for k in range(len(chunks)):
             chunk = read_json(_chunk_path(shards, k))
+            if len(passes) == 1:  # the skipped files are collected on the first of the two passes
+                skipped.extend(chunk["skipped"])
             yield chunk["images"], chunk["annotations"]
+
+    def info() -> dict[str, Any]:
+        return {"description": DESCRIPTION, "source": str(source.path), "skipped_images": skipped}
 
     path = out_dir / options.output_name
     images, instances = write_instances_json(path, info, categories(classes, source.category_ids), parts)
