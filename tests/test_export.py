@@ -142,3 +142,25 @@ def test_int8_export_and_what_cannot_be_exported(exported, tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "teacher"), "--out", str(tmp_path / "t.onnx"),
                  "--image-size", "64", "64"]) == 2
     assert "only CAST students export to ONNX" in capsys.readouterr().err
+
+
+def test_winograd_convolution_computes_the_convolution(exported, tmp_path, monkeypatch):
+    from cast.models import onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "WINOGRAD_MIN_TILES", 1)  # tiny maps take the Winograd path too
+    conv = torch.nn.Conv2d(24, 16, 3, padding=1)
+    x = torch.randn(2, 24, 16, 28)
+    with torch.no_grad():
+        direct = conv(x)
+        with onnx_graph._winograd_convolutions(torch.nn.Sequential(conv)):
+            winograd = conv(x)
+            odd = conv(x[..., :15, :])  # sides not multiples of 4: computed directly
+        torch.testing.assert_close(winograd, direct, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(odd, conv(x[..., :15, :]))
+    assert "forward" not in vars(conv)  # the module's own forward again
+    model, _ = exported
+    path = export_onnx(model, tmp_path / "winograd.onnx", image_size=(64, 96))
+    ops = [n.op_type for n in __import__("onnx").load(str(path)).graph.node]
+    assert ops.count("DepthToSpace") >= 8  # the neck's 3x3 convolutions at strides 4 and 8
+    check = agreement(model, path)
+    assert check["class_logits_max_abs_diff"] < 1e-3 and check["mask_logits_max_abs_diff"] < 1e-3

@@ -116,7 +116,7 @@ def stream_predictions(model: Any, source: ImageSource, out_dir: str | os.PathLi
 
     chunks = [source.records[i:i + options.shard_size] for i in range(0, len(source), options.shard_size)]
     remaining = [k for k in range(len(chunks)) if not _chunk_path(shards, k).is_file()]
-    resumed = sum(len(chunks[k]) for k in range(len(chunks)) if k not in set(remaining))
+    resumed = len(source) - sum(len(chunks[k]) for k in remaining)
     mine = remaining[ctx.rank::ctx.world_size]
     if ctx.is_main and resumed:
         print(f"resuming: {resumed} of {len(source)} images already done in {shards}", file=sys.stderr)

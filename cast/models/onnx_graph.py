@@ -11,7 +11,13 @@ graph is exported at (the exported logits agree with eager's within float roundi
   layer's attention mask, computed at that mask's resolution (the stride-4 mask features resized
   once per level, then the query product) instead of at stride 4 and then resized: bilinear
   resizing is linear, so resize(q . F) = q . resize(F); only the final prediction is computed at
-  stride 4.
+  stride 4;
+- the neck's 3x3 convolutions on large maps by Winograd's minimal filtering F(4x4, 3x3) (Lavin &
+  Gray, 2016), as cuDNN and oneDNN may choose to: each 6x6 input tile is transformed (B^T d B, a
+  depthwise convolution with constant kernels), multiplied with the transformed filters
+  (G g G^T, folded into constants by onnxruntime) in 36 matrix products of (C_out x C_in) by
+  (C_in x tiles), and transformed back (A^T m A, a grouped 1x1 convolution and a pixel shuffle):
+  4x fewer multiplications than the direct convolution, float32 rounding of ~1e-5 relative.
 """
 from __future__ import annotations
 
@@ -135,10 +141,61 @@ def _low_resolution_attention_masks(decoder: nn.Module) -> Iterator[None]:
         cache.clear()
 
 
+# Winograd F(4x4, 3x3) transforms (interpolation points 0, +-1, +-2, infinity).
+_WINOGRAD_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+                (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+               (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+# Below this many 4x4 output tiles (a 64 x 128 map has 512) the transforms cost more than they save.
+WINOGRAD_MIN_TILES = 512
+
+
+def _winograd_forward(conv: nn.Conv2d) -> Any:
+    """`conv`'s forward (3x3, stride 1, padding 1) computed by F(4x4, 3x3) on maps whose sides are
+    multiples of 4 with at least WINOGRAD_MIN_TILES tiles; directly otherwise."""
+    original = conv.forward
+    bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_WINOGRAD_BT, _WINOGRAD_G, _WINOGRAD_AT))
+    c_in, c_out = conv.in_channels, conv.out_channels
+    tile_in = torch.einsum("ai,bj->abij", bt, bt).reshape(36, 1, 6, 6).float().repeat(c_in, 1, 1, 1)
+    tile_out = torch.einsum("ai,bj->abij", at, at).reshape(16, 36, 1, 1).float().repeat(c_out, 1, 1, 1)
+    g = g.float()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        if height % 4 or width % 4 or (height // 4) * (width // 4) < WINOGRAD_MIN_TILES:
+            return original(x)
+        tiles = (height // 4) * (width // 4)
+        # Transformed filters (36, C_out, C_in): computed from the weight in the graph, a constant
+        # expression onnxruntime folds when it loads the model (the file keeps the 3x3 weights).
+        filters = torch.einsum("ay,oiyx,bx->aboi", g, conv.weight, g).reshape(36, c_out, c_in)
+        v = F.conv2d(F.pad(x, (1, 1, 1, 1)), tile_in, stride=4, groups=c_in)  # (B, C_in * 36, H/4, W/4)
+        v = v.reshape(-1, c_in, 36, tiles).transpose(1, 2)  # (B, 36, C_in, tiles)
+        m = torch.matmul(filters, v).transpose(1, 2).reshape(-1, c_out * 36, height // 4, width // 4)
+        y = F.pixel_shuffle(F.conv2d(m, tile_out, groups=c_out), 4)  # (B, C_out, H, W)
+        return y if conv.bias is None else y + conv.bias.view(1, -1, 1, 1)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _winograd_convolutions(neck: nn.Module) -> Iterator[None]:
+    convs = [m for m in neck.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+             and m.stride == (1, 1) and m.padding == (1, 1) and m.dilation == (1, 1) and m.groups == 1
+             and m.padding_mode == "zeros"]
+    for conv in convs:
+        conv.forward = _winograd_forward(conv)
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv.forward  # the class's forward again
+
+
 @contextlib.contextmanager
 def export_shaped(model: nn.Module, image_size: tuple[int, int]) -> Iterator[None]:
     """Within this context `model` (a CastStudent) computes its forward for inputs of `image_size`
     in the shape described in the module docstring; outside it, as always."""
     with (_fused_vit_attention(model.encoder), _constant_position_embeddings(model.encoder, image_size),
-          _low_resolution_attention_masks(model.decoder)):
+          _low_resolution_attention_masks(model.decoder), _winograd_convolutions(model.neck)):
         yield
