@@ -92,5 +92,5 @@ def measure_predict(args: argparse.Namespace, device: torch.device) -> tuple[dic
             for p, label in (("onnx", "onnxruntime"), ("onnx_int8", "onnxruntime int8"))]
     fp32, int8 = results["onnx"]["AP"], results["onnx_int8"]["AP"]
     rows.append(summary_row(NAME, case, "mask AP, onnxruntime int8 vs fp32", int8, fp32,
-                            int8 / fp32 if fp32 > 0 else None))
+                            int8 / fp32 if fp32 > 0 and int8 > 0 else None))
     return results, rows

@@ -254,3 +254,24 @@ def test_bad_input_gives_one_line_and_its_exit_code(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         predict(*model, "--source", paths[0])  # no --out: argparse's usage error
     assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_shards_the_images_and_writes_the_same_file(setup, tmp_path):
+    import socket
+
+    root, _ = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--model", root / "student", "--source", root / "images", "--shard-size", "1", "--score-threshold", "0.1",
+            "--device", "cpu"]
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), "-m", "cast", "predict", *map(str, args), "--out", str(tmp_path / "two")],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    assert launch.stdout.count("predict: ") == 1  # rank 0 reports
+    assert predict(*args, "--out", tmp_path / "one") == 0
+    assert (tmp_path / "two" / "predictions.json").read_bytes() == (tmp_path / "one" / "predictions.json").read_bytes()
