@@ -106,10 +106,18 @@ def export_onnx(model: CastStudent, path: str | os.PathLike, image_size: tuple[i
 
 def _quantize(path: Path) -> None:
     """Dynamic int8 quantisation of the graph at `path`, in place."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with atomic_path(path) as tmp:
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the graph for static quantisation
+    try:
+        with atomic_path(path) as tmp:
+            quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    finally:
+        root.setLevel(level)
 
 
 class OnnxStudent(PredictImages):
