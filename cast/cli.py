@@ -58,7 +58,8 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     images.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     images.add_argument("--shard-size", type=_positive, default=64, metavar="N",
                         help="images per result shard written to DIR/.shards (the resume granularity)")
-    images.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    images.add_argument("--workers", type=_positive, default=None, help="image-decoding worker processes "
+                        "(default: none, the main process decodes)")
     predict = sub.add_parser("predict", parents=[images], help="run a model on images -> DIR/predictions.json")
     predict.add_argument("--model", required=True, help="a model folder of a run or an .onnx written by export")
     predict.add_argument("--source", required=True, help="an image, a folder (recursive) or a COCO json")
@@ -87,7 +88,9 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--image-size", type=_positive, nargs=2, metavar=("H", "W"),
                         help="the graph's input size (default: the run's data.test_size, square)")
     export.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the MatMul weights")
-    export.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's graph fusions")
+    export.add_argument("--no-optimize", action="store_true",
+                        help="export the eager operations as they are (no fused attention, constant position "
+                             "embeddings, low-resolution attention masks nor Winograd convolutions)")
     evaluate = sub.add_parser("eval", parents=[images], help="COCO mask AP as one json object on stdout")
     what = evaluate.add_mutually_exclusive_group(required=True)
     what.add_argument("--predictions", metavar="FILE", help="COCO instances json or COCO results list")

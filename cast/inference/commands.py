@@ -73,7 +73,7 @@ def _options(args: argparse.Namespace, output_name: str, test_size: int | None, 
     return StreamOptions(output_name=output_name, score_threshold=score_threshold, test_size=test_size,
                          batch_size=args.batch_size, shard_size=args.shard_size,
                          save_overlays=getattr(args, "save_overlays", False), strict=args.strict,
-                         workers=args.workers)
+                         workers=args.workers or 0)
 
 
 def _report(summary: Any, what: str) -> None:
