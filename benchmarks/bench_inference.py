@@ -1,24 +1,34 @@
 """Benchmark: student inference at batch 1 in PyTorch eager, with torch.compile, and in ONNX
 Runtime, on the same input; latency, the ratios against eager, and how far each path's outputs
-are from eager's (so that a fast but wrong path cannot win).
+are from eager's (so that a fast but wrong path cannot win). Then `predict` throughput (images/s,
+decoding, resizing, post-processing and COCO encoding included) eager vs ONNX on the demo val,
+and the mask AP of each path there (fp32 and int8 ONNX beside eager).
 
-All three time the forward to the class and mask logits (post-processing excluded), median of
---repeats after warm-up calls:
-  eager:    `model(pixel_values, pixel_mask)` under torch.no_grad (and autocast on CUDA). It
-            also computes the contrastive projection head, a 1x1-conv pair at stride 32 that
-            the exported graph leaves out (a negligible share of the work).
-  compile:  `torch.compile(model)` (inductor, default mode); its first call, which compiles, is
-            timed separately as compile_s; the graph count, graph breaks and whether anything
-            recompiled during the timed calls are recorded. A failure is recorded with its
-            reason, not raised.
-  onnx:     `cast.models.export.export_onnx` at the input size, run by `OnnxStudent` with
-            CPUExecutionProvider, intra-op threads = torch's thread count (on CUDA with
-            onnxruntime's CUDA provider when the installed onnxruntime has one, in float32).
-Outputs agree when the largest absolute difference to eager's logits is within 1e-3 (float32;
-5e-2 under autocast) times max(1, largest |eager logit|).
+Latency times the forward to the class and mask logits (post-processing excluded), median of
+--repeats after warm-up calls; eager and the ONNX graphs are timed in interleaved rounds (one call
+of each per round), so that a change in the machine's load between blocks of calls cannot favour
+one of them:
+  eager:        `model(pixel_values, pixel_mask)` under torch.no_grad (and autocast on CUDA). It
+                also computes the contrastive projection head, a 1x1-conv pair at stride 32 that
+                the exported graph leaves out (a negligible share of the work).
+  compile:      `torch.compile(model)` (inductor, default mode); its first call, which compiles, is
+                timed separately as compile_s; the graph count, graph breaks and whether anything
+                recompiled during the timed calls are recorded. A failure is recorded with its
+                reason, not raised.
+  onnx:         `cast.models.export.export_onnx` at the input size, as `python -m cast export`
+                writes it (the graph shaped by cast.models.onnx_graph: fused attention, constant
+                position embeddings, low-resolution attention masks), run by `OnnxStudent` with
+                CPUExecutionProvider, intra-op threads = torch's thread count (on CUDA with
+                onnxruntime's CUDA provider when the installed onnxruntime has one, in float32).
+  onnx_literal: the same export without shaping (`--no-optimize`): the eager model's operations.
+  onnx_int8:    the shaped graph with dynamic int8 quantisation of its MatMul weights (`--int8`).
+Outputs agree when the largest absolute difference to eager's class and mask logits is within 1e-3
+(float32; 5e-2 under autocast) times max(1, largest |eager logit|); the full-resolution masks (x4
+upsampled logits, binarised) of eager's 10 best queries are compared by IoU as well.
 
-    python benchmarks/bench_inference.py                  # cast-s at 512x1024
-    python benchmarks/bench_inference.py --quick          # cast-tiny at 64x64
+    python benchmarks/bench_inference.py                  # cast-s at 512x1024, predict on data/demo
+    python benchmarks/bench_inference.py --predict-model data/cache/standin-.../model   # AP of a trained model
+    python benchmarks/bench_inference.py --quick          # cast-tiny at 64x64, a tiny demo set
 """
 from __future__ import annotations
 
@@ -36,12 +46,16 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_common_arguments, autocast, machine_info, measure_devices, precision, setup,  # noqa: E402
                     summary_row, sync, time_calls, time_stats)
-from cast.models.export import OnnxStudent, export_onnx  # noqa: E402
+from cast.models.export import OnnxStudent, agreement, export_onnx  # noqa: E402
 from cast.models.student import build_student  # noqa: E402
+from predict_throughput import measure_predict  # noqa: E402
 
 NAME = "inference"
 NUM_CLASSES = 8
 GOAL_ONNX = 1.5  # ONNX Runtime at least this much faster than eager at batch 1 (CPU)
+# name -> (label, export options) of the ONNX graphs measured; "onnx" is what `cast export` writes.
+ONNX_VARIANTS = {"onnx": ("onnxruntime", {}), "onnx_literal": ("onnxruntime, literal graph", {"optimize": False}),
+                 "onnx_int8": ("onnxruntime, int8", {"int8": True})}
 
 
 def _agreement(outputs: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
@@ -89,32 +103,60 @@ def measure_compiled(model: torch.nn.Module, inputs: tuple[torch.Tensor, torch.T
         torch._dynamo.reset()
 
 
-def measure_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor],
-                 reference: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-                 args: argparse.Namespace) -> dict:
-    """ONNX Runtime's latency (export time apart) and agreement with a float32 eager pass."""
+def onnx_sessions(model: torch.nn.Module, size: tuple[int, int], device: torch.device, folder: Path) -> dict:
+    """Each ONNX variant exported at `size` and opened (or the reason it could not be)."""
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return {"failed": f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
-                              f"(available: {ort.get_available_providers()})"}
+            reason = (f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+                      f"(available: {ort.get_available_providers()})")
+            return {name: {"failed": reason} for name in ONNX_VARIANTS}
         providers = ["CUDAExecutionProvider"]
+    out = {}
+    for name, (_, options) in ONNX_VARIANTS.items():
+        start = time.perf_counter()
+        path = export_onnx(model.cpu(), folder / f"{name}.onnx", image_size=size, **options)
+        export_s = time.perf_counter() - start
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = torch.get_num_threads()  # the same cores as eager
+        out[name] = {"model": OnnxStudent(path, providers=providers, session_options=session_options),
+                     "path": path, "export_s": export_s, "provider": providers[0]}
+    model.to(device)
+    return out
+
+
+def interleaved(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of `repeats` rounds, each calling every function once, after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def onnx_result(session: dict, seconds: list[float], model: torch.nn.Module, inputs: tuple,
+                reference: tuple, tolerance: float) -> dict:
+    """Latency and agreement of one ONNX variant (against a float32 eager pass on the CPU)."""
     pixel_values, pixel_mask = inputs
-    if device.type != "cpu":  # the graph is float32: compare with float32 eager on the CPU
+    if pixel_values.device.type != "cpu":
         with torch.no_grad():
             out = model.cpu()(pixel_values.cpu(), pixel_mask.cpu())
         reference = (out.class_logits, out.mask_logits)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        path = export_onnx(model.cpu(), Path(tmp) / "student.onnx", image_size=tuple(pixel_values.shape[-2:]))
-        export_s = time.perf_counter() - start
-        model.to(device)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the same cores as eager
-        onnx_model = OnnxStudent(path, providers=providers, session_options=options)
-        seconds = time_calls(lambda: onnx_model(pixel_values, pixel_mask), device, args.warmup, args.repeats)
-        return {**time_stats(seconds), "export_s": export_s, "provider": providers[0], "precision": "fp32",
-                **_agreement(onnx_model(pixel_values, pixel_mask), reference, 1e-3)}
+    check = agreement(model.cpu(), session["path"])
+    model.to(pixel_values.device)
+    result = {**time_stats(seconds), "export_s": session["export_s"], "provider": session["provider"],
+              "precision": "int8 weights" if "int8" in session["path"].name else "fp32",
+              **_agreement(session["model"](pixel_values, pixel_mask), reference, tolerance),
+              "full_resolution_mask_iou_min": check["mask_iou_min"]}
+    result["agrees"] = result["agrees"] and check["mask_iou_min"] >= 0.99
+    return result
 
 
 def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
@@ -128,16 +170,23 @@ def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
     inputs = (pixel_values, pixel_mask)
     results = {}
 
-    seconds = time_calls(lambda: logits(model, inputs, device, args.amp), device, args.warmup, args.repeats)
     reference = logits(model, inputs, device, args.amp)
-    results["eager"] = {**time_stats(seconds), "precision": precision(device, args.amp)}
-
     if args.no_compile:
         results["compile"] = {"failed": "skipped (--no-compile)"}
     else:
         results["compile"] = measure_compiled(model, inputs, reference, device, args, tolerance)
 
-    results["onnx"] = measure_onnx(model, inputs, reference, device, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = onnx_sessions(model, size, device, Path(tmp))
+        fns = {"eager": lambda: logits(model, inputs, device, args.amp)}
+        fns.update({name: (lambda m=s["model"]: m(pixel_values, pixel_mask))
+                    for name, s in sessions.items() if "failed" not in s})
+        seconds = interleaved(fns, device, args.warmup, args.repeats)
+        results["eager"] = {**time_stats(seconds["eager"]), "precision": precision(device, args.amp)}
+        for name, session in sessions.items():
+            results[name] = session if "failed" in session else onnx_result(
+                session, seconds[name], model, inputs, reference, 1e-3)
+    results["onnx_literal"]["note"] = "the same export without cast.models.onnx_graph's shaping"
 
     eager_ms = results["eager"]["median_ms"]
     for path_name, r in results.items():
@@ -151,7 +200,7 @@ def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
 
     case = f"{device.type} {precision(device, args.amp)}, {args.preset} {size[0]}x{size[1]} batch 1"
     summary = []
-    for path_name, label in (("onnx", "onnxruntime"), ("compile", "torch.compile")):
+    for path_name, label in [*((k, v[0]) for k, v in ONNX_VARIANTS.items()), ("compile", "torch.compile")]:
         r = results[path_name]
         # The goal is set for onnxruntime on the CPU (its CPUExecutionProvider); a failure misses it.
         goal = f">= {GOAL_ONNX}x, outputs agree" if path_name == "onnx" and device.type == "cpu" else None
@@ -165,7 +214,12 @@ def measure_device(args: argparse.Namespace, device: torch.device) -> dict:
         summary.append(summary_row(NAME, case, f"latency ms, {label} vs eager (max abs diff "
                                    f"{r['max_abs_diff']:.1e}{note})", r["median_ms"], eager_ms, ratio, goal, met))
     settings = {"preset": args.preset, "input_size": list(size), "batch": 1, "warmup": args.warmup,
-                "repeats": args.repeats, "precision": precision(device, args.amp), "tolerance": tolerance}
+                "repeats": args.repeats, "precision": precision(device, args.amp), "tolerance": tolerance,
+                "timing": "interleaved rounds (eager and the ONNX graphs)"}
+    if not args.no_predict:
+        results["predict"], rows = measure_predict(args, device)
+        summary += rows
+        settings["predict"] = results["predict"]["settings"]
     return {"machine": machine, "settings": settings, "results": results, "summary": summary}
 
 
@@ -176,6 +230,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 1 on CPU, 10 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5 on CPU, 50 on CUDA)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles for minutes)")
+    parser.add_argument("--no-predict", action="store_true", help="leave the demo-val predict throughput out")
+    parser.add_argument("--predict-model", type=Path, default=None,
+                        help="a trained model folder for the predict part (its AP means something); default: "
+                             "an untrained demo-student (speed only)")
+    parser.add_argument("--predict-rounds", type=int, default=2, help="passes over the demo val per path")
+    parser.add_argument("--demo-root", type=Path, default=None,
+                        help="demo data folder (default data/demo; generated when missing)")
     add_common_arguments(parser, NAME)
     args = parser.parse_args(argv)
     if args.quick:

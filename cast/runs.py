@@ -66,3 +66,15 @@ class RunFolder:
 
     def available_models(self) -> list[str]:
         return [s for s in STAGES if (self.model(s) / "config.json").exists()]
+
+
+def run_config_of(model_dir: str | Path) -> Path | None:
+    """The config.yaml of the run folder that holds the model folder `model_dir` (a stage's model,
+    runs/<name>/stages/<stage>/model, or an ablation variant's, below runs/<name>/ablations/), or None."""
+    model_dir = Path(model_dir).absolute()
+    if model_dir.parent.parent.name != "stages":
+        return None
+    for folder in model_dir.parents[2:6]:
+        if (folder / "config.yaml").is_file() and (folder / "stages").is_dir():
+            return folder / "config.yaml"
+    return None

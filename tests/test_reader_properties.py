@@ -37,7 +37,7 @@ from cast.data.ade20k import ADE20K_INSTANCE_CLASSES, read_ade20k_instances
 from cast.data.cityscapes import CITYSCAPES_THING_IDS, read_cityscapes
 from cast.data.coco import read_coco
 from cast.data.errors import DataError, DataWarning
-from cast.data.folder import FOLDER_EXTENSIONS, read_image_folder
+from cast.data.folder import read_image_folder
 from cast.data.dataset import IMAGE_EXTENSIONS, load_image, probe_image
 from cast.data.batches import InstanceTorchDataset, collate_instances
 from cast.data.splits import load_split
@@ -294,7 +294,7 @@ def test_image_folder_reads_skips_or_names_the_file(specs, lenient):
             folder = root / "sub" if i % 2 else root  # the folder reader looks into subfolders too
             folder.mkdir(exist_ok=True)
             write_image_file(folder, f"img{i}", spec)
-        candidates = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS]
+        candidates = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         (dataset, error), caught = with_warnings(
             lambda: clear_error(lambda: read_image_folder(root, lenient=lenient, progress=False), root))
         if error is not None:

@@ -202,13 +202,18 @@ class WeakStrongViews:
 
 @dataclass
 class EvalTransform:
-    """Deterministic evaluation view: resize so the short side is `size` (None keeps the stored size)."""
+    """Deterministic evaluation view: resize so the short side is `size` (None keeps the stored
+    size); with `max_size` (H, W), e.g. a fixed-size exported graph's input, then shrink (aspect
+    kept) until the view fits inside it."""
 
     size: int | None = None
+    max_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.size is not None and self.size < 1:
             raise ValueError(f"EvalTransform: size must be positive or None, got {self.size}")
+        if self.max_size is not None and min(self.max_size) < 1:
+            raise ValueError(f"EvalTransform: max_size must be positive, got {self.max_size}")
 
     def __call__(self, sample: InstanceSample, *, seed: int = 0, epoch: int = 0, index: int = 0) -> dict[str, Any]:
         h, w = sample.height, sample.width
@@ -217,6 +222,10 @@ class EvalTransform:
         else:
             scale = self.size / min(h, w)
             out_size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if self.max_size is not None and (out_size[0] > self.max_size[0] or out_size[1] > self.max_size[1]):
+            scale = min(self.max_size[0] / out_size[0], self.max_size[1] / out_size[1])
+            out_size = (max(1, min(self.max_size[0], round(out_size[0] * scale))),
+                        max(1, min(self.max_size[1], round(out_size[1] * scale))))
         image = _resize_image(_image_tensor(sample), out_size)
         rows, cols = _nearest(h, out_size[0], 0, out_size[0]), _nearest(w, out_size[1], 0, out_size[1])
         planes = _label_planes(sample, rows, cols)

@@ -74,6 +74,20 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     return results
 
 
+def load_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """COCO results from a json of them (a list) or from a COCO instances json (its annotations;
+    a missing score counts as 1, as for ground truth used as predictions)."""
+    data = read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        data = [{"score": 1.0, **a} for a in data["annotations"]]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a COCO results list or a COCO instances json")
+    for r in data:
+        if not {"image_id", "category_id", "segmentation"} <= r.keys():
+            raise ValueError(f"{path}: a prediction needs image_id, category_id and segmentation, got keys {sorted(r)}")
+    return data
+
+
 def _as_coco(coco_gt: str | Path | dict | COCO) -> COCO:
     if isinstance(coco_gt, COCO):
         return coco_gt

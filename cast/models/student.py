@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from cast.inference.api import PredictImages
 from cast.losses.set_prediction import SetPredictionLoss
 from cast.models.config import FEATURE_STRIDES, CastStudentConfig, preset_config
 from cast.models.decoder import MaskedAttentionDecoder, mask2former_config
@@ -34,7 +35,7 @@ NO_DECAY_NAMES = ("queries_embedder", "queries_features", "level_embed", "positi
                   "mask_token", "register_tokens")
 
 
-class CastStudent(nn.Module):
+class CastStudent(PredictImages, nn.Module):
     """Mask2Former-style instance segmenter on a DINOv2 (or ResNet) encoder.
 
     `forward` takes images in [0, 1] of any size and returns a `SegmentationOutput` whose mask

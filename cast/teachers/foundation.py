@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from cast.inference.api import PredictImages
 from cast.structures import Instances
 from cast.teachers.vfm_ops import region_logits, resolve_overlaps
 from cast.utils.io import atomic_save, atomic_write_json, read_json
@@ -47,7 +48,7 @@ def projection_head(channels: int, projection_dim: int) -> nn.Sequential:
                              nn.Conv2d(hidden, projection_dim, kernel_size=1))
 
 
-class FoundationTeacher(nn.Module):
+class FoundationTeacher(PredictImages, nn.Module):
     """Base of the foundation-model teachers. A subclass sets `model_type`, `settings_class` (a
     dataclass with at least `classes`) and `tokenizer_class`, keeps `settings` and `tokenizer`,
     and implements `_frozen_modules`, `_predict`, `_sub_configs` and `_from_configs`."""
