@@ -21,7 +21,7 @@ import torch
 
 from common import ROOT, summary_row
 from cast.data.demo import DEMO_CLASSES, generate
-from cast.evaluation.coco import evaluate_instances, load_predictions
+from cast.evaluation.coco import evaluate_instances, load_results
 from cast.inference.sources import open_source
 from cast.inference.stream import StreamOptions, stream_predictions
 from cast.models.auto import load_model
@@ -73,7 +73,7 @@ def measure_predict(args: argparse.Namespace, device: torch.device) -> tuple[dic
                                              device=device if path_name == "eager" else "cpu")
                 seconds[path_name].append(time.perf_counter() - start)
                 if path_name not in metrics:
-                    metrics[path_name] = evaluate_instances(val, load_predictions(summary.path))
+                    metrics[path_name] = evaluate_instances(val, load_results(summary.path))
                 images = summary.images
     results: dict[str, Any] = {"settings": {"model": name, "trained": trained, "data": str(val.relative_to(val.parents[2]))
                                             if not args.quick else "tiny demo", "images": images,

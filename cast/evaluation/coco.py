@@ -68,13 +68,6 @@ def save_results(results: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
-    results = read_json(path)
-    if not isinstance(results, list):
-        raise ValueError(f"{path}: expected a json list of COCO result dicts")
-    return results
-
-
-def load_predictions(path: str | Path) -> list[dict[str, Any]]:
     """COCO results from a json of them (a list) or from a COCO instances json (its annotations;
     a missing score counts as 1, as for ground truth used as predictions)."""
     data = read_json(path)

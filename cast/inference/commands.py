@@ -201,7 +201,7 @@ def export(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace, ctx: DistContext) -> None:
     """`eval`: COCO mask AP of --predictions (or of --model's predictions) against --data, one json on stdout."""
-    from cast.evaluation.coco import evaluate_instances, load_predictions
+    from cast.evaluation.coco import evaluate_instances, load_results
 
     data = Path(args.data)
     if not data.is_file():
@@ -214,14 +214,14 @@ def evaluate(args: argparse.Namespace, ctx: DistContext) -> None:
         try:
             args.source, args.require_categories = str(data), True
             path = predict(args, ctx, out=broadcast_object(args.out or tmp), quiet=True)
-            results = load_predictions(path) if path is not None else None
+            results = load_results(path) if path is not None else None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
     else:
         path = Path(args.predictions)
         try:
-            results = load_predictions(path)
+            results = load_results(path)
         except ValueError as e:
             raise DataError(path, str(e).removeprefix(f"{path}: ")) from None
     if not ctx.is_main:
