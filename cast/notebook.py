@@ -66,7 +66,8 @@ def show_samples(dataset: Any, count: int = 6, columns: int = 3, seed: int = 0):
 
 def browse(run_dir: str | Path):
     """An ipywidgets browser over a run's images: switch between ground truth, each stage's
-    pseudo-labels and each model's predictions, and move the score threshold.
+    pseudo-labels and each model's predictions, and move the score threshold (of the first seed's
+    folder, for a run over seeds).
 
     The drawing is an Image widget whose bytes are replaced, not an Output widget that is cleared
     and redrawn into: papermill (nbclient) hung for good on that Output widget, on a cell the
@@ -78,6 +79,10 @@ def browse(run_dir: str | Path):
 
     from cast.inspection import RunInspector
 
+    report = RunFolder(run_dir).report_json
+    seeds = json.loads(report.read_text()).get("seeds") if report.is_file() else None
+    if seeds:  # a run over seeds: its first seed's folder holds images, labels and predictions
+        run_dir = Path(run_dir) / f"seed_{seeds[0]}"
     inspector = RunInspector(run_dir)
     image = widgets.Dropdown(options=inspector.data.keys, description="image")
     source = widgets.Dropdown(options=inspector.data.sources(), description="labels")

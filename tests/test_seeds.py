@@ -97,6 +97,24 @@ def test_an_ablation_over_seeds_aggregates_its_table(seeded):
     assert "mean ± std over seeds 0, 1" in (run_dir / "ablations" / "samplers.md").read_text()
 
 
+@pytest.mark.slow
+def test_the_evaluation_notebook_shows_the_table_over_seeds(seeded, tmp_path):
+    import nbformat
+    import papermill
+
+    from test_notebooks import REPO
+
+    config, run_dir = seeded
+    out = tmp_path / "04_evaluation.ipynb"
+    papermill.execute_notebook(str(REPO / "notebooks" / "04_evaluation.ipynb"), str(out), cwd=str(REPO),
+                               kernel_name="python3", progress_bar=False,
+                               parameters={"config": str(config), "overrides": [], "seeds": "0,1"})
+    shown = [o for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in shown)
+    assert "AP per seed" in markdown and "(mean over seeds 0, 1)" in markdown
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in shown)  # browse drew
+
+
 def test_seed_lists_and_aggregation():
     assert parse_seeds("0,1, 2") == [0, 1, 2]
     for bad in ("", "1,1", "-1", "a"):
