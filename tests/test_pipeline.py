@@ -136,6 +136,7 @@ def test_sampler_ablation_table(tiny_run):
     assert table["rows"][1]["paper_AP"] == 32.2
     assert (folder.ablations / "samplers" / "stages" / "uniform" / "model" / "config.json").is_file()
     assert "| uniform |" in (folder.ablations / "samplers.md").read_text()
+    assert (folder.ablations / "samplers.png").read_bytes()[:4] == b"\x89PNG"  # margin and FNR per sampler
     model = folder.ablations / "samplers" / "stages" / "uniform" / "model" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
     assert main(["ablate", "--config", str(config), "--study", "samplers"]) == 0

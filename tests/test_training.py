@@ -304,3 +304,21 @@ def test_trainer_refuses_an_objective_it_cannot_compute(tmp_path):
     with pytest.raises(ValueError, match="pseudo-labeled"):
         Trainer(TinySegModel(), "s", TrainConfig(steps=1), Objective(lambda_semi=1.0),
                 TrainData(TinyDataset(), 2, collate), tmp_path)
+
+
+def test_diagnostics_of_several_stages_share_one_figure(tmp_path):
+    from cast.training.plots import _diagnostics_figure, plot_diagnostics
+
+    for name, margin in (("uniform", 0.1), ("fusion", 0.3)):
+        lines = [json.dumps({"step": s, "pxl_margin_labeled": margin * s, "pxl_margin_unlabeled": margin,
+                             "pxl_false_negative_rate_unlabeled": 0.5 - margin}) for s in (1, 2, 3)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = {name: tmp_path / f"{name}.jsonl" for name in ("uniform", "fusion")}
+    assert plot_diagnostics(metrics, tmp_path / "samplers.png", "t").read_bytes()[:4] == b"\x89PNG"
+    margin, fnr = _diagnostics_figure({n: read_metrics(p) for n, p in metrics.items()}, "t").axes
+    assert [line.get_label() for line in margin.lines] == ["uniform labeled", "uniform unlabeled",
+                                                          "fusion labeled", "fusion unlabeled"]
+    assert list(margin.lines[2].get_ydata()) == pytest.approx([0.3, 0.6, 0.9])
+    assert [line.get_label() for line in fnr.lines] == ["uniform unlabeled", "fusion unlabeled"]
+    (tmp_path / "none.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert plot_diagnostics({"sup": tmp_path / "none.jsonl"}, tmp_path / "none.png", "t") is None

@@ -29,6 +29,7 @@ from cast.pipeline.seeds import aggregate_rows, over_seeds, seed_config, seeds_s
 from cast.pipeline.stages import reuse_or_train, stage_spec
 from cast.runs import RunFolder
 from cast.training.objective import Objective
+from cast.training.plots import plot_diagnostics
 from cast.utils.distributed import DistContext, barrier
 from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_json, atomic_write_text
@@ -125,17 +126,22 @@ def stages_study(a: Ablation) -> list[dict[str, Any]]:
 def samplers_study(a: Ablation) -> list[dict[str, Any]]:
     cfg, data = a.cfg, a.main.data
     pseudo = a.pseudo("teacher_self_training")
-    rows = []
+    rows, metrics = [], {}
     for sampler in cfg.ablations.samplers:
         paper = PAPER["samplers"][sampler]
         if sampler == cfg.losses.sampler:
             rows.append(_row(sampler, _from_main(a, "knowledge_transfer"), paper, "main run"))
+            metrics[sampler] = a.main.stage_dir("knowledge_transfer") / "metrics.jsonl"
             continue
         variant_cfg = copy.deepcopy(cfg)
         variant_cfg.losses.sampler = sampler
         obj = Objective(cfg.losses.lambda_semi, cfg.losses.lambda_pxl)
         model = a.variant(sampler, "knowledge_transfer", a.student, obj, data.labeled, pseudo, cfg=variant_cfg)
         rows.append(_row(sampler, a.evaluate(sampler, model), paper, "trained"))
+        metrics[sampler] = a.folder.metrics(sampler)
+    if a.ctx.is_main:  # the paper's diagnostics, one curve per sampler
+        plot_diagnostics(metrics, a.folder.root.parent / "samplers.png",
+                         "knowledge transfer: contrastive diagnostics per negative sampler")
     return rows
 
 

@@ -42,15 +42,8 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path, title: s
         ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"{title} losses".strip())
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / "loss.png"))
-    present = [d for d in DIAGNOSTICS if any(k.startswith(d) for r in records for k in r)]
-    if present:
-        fig = Figure(figsize=(6, 3.2 * len(present)))
-        for ax, diagnostic in zip(fig.subplots(len(present), 1, squeeze=False)[:, 0], present):
-            for key in sorted({k for r in records for k in r if k.startswith(diagnostic)}):
-                ax.plot(*_series(records, key), label=key.removeprefix(f"{diagnostic}_"), linewidth=1)
-            ax.set(xlabel="step", ylabel=DIAGNOSTICS[diagnostic])
-            ax.legend(fontsize=7)
-        fig.suptitle(f"{title} contrastive diagnostics".strip())
+    fig = _diagnostics_figure({"": records}, f"{title} contrastive diagnostics".strip())
+    if fig is not None:
         written.append(_save(fig, out_dir / "diagnostics.png"))
     ap = _series(records, "val_AP")
     if ap[0]:
@@ -60,6 +53,30 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path, title: s
         ax.set(xlabel="step", ylabel="val mask AP", title=f"{title} AP".strip())
         written.append(_save(fig, out_dir / "ap.png"))
     return written
+
+
+def _diagnostics_figure(runs: dict[str, list[dict[str, Any]]], title: str) -> Figure | None:
+    """One panel per contrastive diagnostic, a line per run and part (labeled / unlabeled)."""
+    present = [d for d in DIAGNOSTICS if any(k.startswith(d) for records in runs.values() for r in records for k in r)]
+    if not present:
+        return None
+    fig = Figure(figsize=(6, 3.2 * len(present)))
+    for ax, diagnostic in zip(fig.subplots(len(present), 1, squeeze=False)[:, 0], present):
+        for name, records in runs.items():
+            for key in sorted({k for r in records for k in r if k.startswith(diagnostic)}):
+                part = key.removeprefix(f"{diagnostic}_")
+                ax.plot(*_series(records, key), label=f"{name} {part}".strip(), linewidth=1)
+        ax.set(xlabel="step", ylabel=DIAGNOSTICS[diagnostic])
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_diagnostics(metrics: dict[str, str | Path], path: str | Path, title: str) -> Path | None:
+    """The contrastive diagnostics of several stages (name -> metrics.jsonl) on shared axes, e.g. the
+    transfer stage under each negative sampler; None when none of them logged any."""
+    fig = _diagnostics_figure({name: read_metrics(m) for name, m in metrics.items()}, title)
+    return None if fig is None else _save(fig, Path(path))
 
 
 def plot_report(rows: list[dict[str, Any]], path: str | Path) -> Path:
