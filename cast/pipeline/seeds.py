@@ -3,8 +3,10 @@ reported as mean, spread and per-seed values, as researchers report results.
 
 Seed k runs into runs/<name>/seed_<k>/ with `seed=k`. What the seeds share (the data, the split,
 the stand-in teacher and the teacher stages with their pseudo-labels and evaluations) is made
-once, under the first seed, in runs/<name>/shared/ (`teacher_seed`, `shared_dir`). A seed that
-fails is recorded and the others still run; the aggregated report says which failed.
+once, under the first seed, in runs/<name>/ itself (`teacher_seed`, `shared_dir`): where a run
+without seeds puts them, so `--seeds 0,1,2` after a plain run (or `make demo`) of seed 0 reuses
+its teacher. A seed that fails is recorded and the others still run; the aggregated report says
+which failed.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def seed_config(cfg: CastConfig, seed: int, first: int) -> CastConfig:
     one = copy.deepcopy(cfg)
     one.output_dir, one.name, one.seed = str(cfg.run_dir), f"seed_{seed}", seed
     one.teacher_seed = cfg.shared_seed if cfg.teacher_seed is not None else first
-    one.shared_dir = cfg.shared_dir or str(cfg.run_dir / "shared")
+    one.shared_dir = cfg.shared_dir or str(cfg.run_dir)
     return one
 
 
