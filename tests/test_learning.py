@@ -10,6 +10,7 @@ import yaml
 
 from cast.cli import main
 from cast.runs import RunFolder
+from test_pipeline import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 80
@@ -17,25 +18,24 @@ FLOOR = 3.0  # mask AP; untrained models score about 0 here, these reach 5 or mo
 
 
 def learning_config(root) -> dict:
+    """test_pipeline's tiny run with the demo presets, more images and enough steps to learn."""
     def steps(n: int, lr: float) -> dict:
         return {"steps": n, "lr": lr, "checkpoint_every": n}
 
-    return {
-        "name": "learn", "output_dir": str(root / "runs"), "seed": 0, "device": "cpu",
-        "data": {"kind": "demo", "root": str(root / "data"), "labeled_fraction": 0.5, "crop_size": [64, 64],
-                 "test_size": 64, "batch_size": 4, "unlabeled_batch_size": 4, "eval_batch_size": 16,
-                 "demo": {"image_size": 64, "num_source_train": 32, "num_target_train": 32, "num_target_val": 12,
-                          "max_objects": 2}},
-        "teacher": {"kind": "standin", "preset": "demo-student",
-                    "pretrain": {"cache_dir": str(root / "cache"), "train": steps(STEPS, 1e-3)}},
-        "student": {"preset": "demo-student"},
-        "training": {"teacher_adaptation": steps(STEPS // 2, 6e-4), "teacher_self_training": steps(STEPS // 2, 6e-4),
-                     "knowledge_transfer": steps(STEPS, 1e-3), "student_refinement": steps(10, 3e-4),
-                     "student_supervised": steps(STEPS, 1e-3)},
-        "losses": {"num_negatives": 16, "embedding_stride": 8},
-        "pseudo_labels": {"score_threshold": 0.3, "min_area": 4, "max_instances": 5},
-    }
-
+    cfg = tiny_config(root)
+    cfg["name"] = "learn"
+    cfg["data"].update(labeled_fraction=0.5, batch_size=4, unlabeled_batch_size=4, eval_batch_size=16,
+                       demo={"image_size": 64, "num_source_train": 32, "num_target_train": 32, "num_target_val": 12,
+                             "max_objects": 2})
+    cfg["teacher"].update(preset="demo-student")
+    cfg["teacher"]["pretrain"]["train"] = steps(STEPS, 1e-3)
+    cfg["student"] = {"preset": "demo-student"}
+    cfg["training"] = {"teacher_adaptation": steps(STEPS // 2, 6e-4), "teacher_self_training": steps(STEPS // 2, 6e-4),
+                       "knowledge_transfer": steps(STEPS, 1e-3), "student_refinement": steps(10, 3e-4),
+                       "student_supervised": steps(STEPS, 1e-3)}
+    cfg["losses"]["num_negatives"] = 16
+    cfg["pseudo_labels"] = {"score_threshold": 0.3, "min_area": 4, "max_instances": 5}
+    return cfg
 
 
 @pytest.mark.slow

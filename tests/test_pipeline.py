@@ -41,11 +41,17 @@ def tiny_config(root: Path) -> dict:
     }
 
 
+def write_config(root: Path) -> Path:
+    """root/tiny.yaml: the tiny run's config in `root`."""
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(root)))
+    return config
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cast")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(root)))
+    config = write_config(root)
     assert main(["run", "--config", str(config)]) == 0
     return config, RunFolder(root / "runs" / "tiny")
 
@@ -190,8 +196,7 @@ def test_unwritable_run_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
         raise PermissionError(13, "Read-only file system")
 
     monkeypatch.setattr(runner, "atomic_write_text", read_only)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    config = write_config(tmp_path)
     assert main(["run", "--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert f"run folder {tmp_path / 'runs' / 'tiny'} is not writable: Read-only file system" in err
@@ -201,8 +206,7 @@ def test_unwritable_run_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
     from test_folder_lock import hold_in_child
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    config = write_config(tmp_path)
     child = hold_in_child(tmp_path / "runs" / "tiny", 60)
     try:
         assert main(["run", "--config", str(config)]) == 1

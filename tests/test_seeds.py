@@ -12,7 +12,7 @@ from cast.cli import main
 from cast.pipeline import runner
 from cast.pipeline.seeds import aggregate_rows, parse_seeds
 from cast.runs import STAGES, RunFolder
-from test_pipeline import tiny_config
+from test_pipeline import write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,8 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     root = tmp_path_factory.mktemp("seeds")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(root)))
+    config = write_config(root)
     # A plain run first, as `make demo` leaves one: the seeds reuse its teacher stages.
     assert main(["run", "--config", str(config)]) == 0
     teacher = {p: p.stat().st_mtime_ns for p in (root / "runs" / "tiny" / "stages").rglob("model.safetensors")
