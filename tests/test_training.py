@@ -320,5 +320,7 @@ def test_diagnostics_of_several_stages_share_one_figure(tmp_path):
                                                           "fusion labeled", "fusion unlabeled"]
     assert list(margin.lines[2].get_ydata()) == pytest.approx([0.3, 0.6, 0.9])
     assert [line.get_label() for line in fnr.lines] == ["uniform unlabeled", "fusion unlabeled"]
+    smoothed = _diagnostics_figure({"fusion": read_metrics(metrics["fusion"])}, "t", window=2).axes[0].lines[0]
+    assert list(smoothed.get_xdata()) == [2, 3] and list(smoothed.get_ydata()) == pytest.approx([0.45, 0.75])
     (tmp_path / "none.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     assert plot_diagnostics({"sup": tmp_path / "none.jsonl"}, tmp_path / "none.png", "t") is None

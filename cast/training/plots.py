@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from cast.training.metrics import read_metrics
@@ -55,27 +56,34 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path, title: s
     return written
 
 
-def _diagnostics_figure(runs: dict[str, list[dict[str, Any]]], title: str) -> Figure | None:
-    """One panel per contrastive diagnostic, a line per run and part (labeled / unlabeled)."""
+def _diagnostics_figure(runs: dict[str, list[dict[str, Any]]], title: str, window: int = 1) -> Figure | None:
+    """One panel per contrastive diagnostic; a colour per run, solid for the labeled part and
+    dashed for the unlabeled one; each curve a running mean over `window` steps."""
     present = [d for d in DIAGNOSTICS if any(k.startswith(d) for records in runs.values() for r in records for k in r)]
     if not present:
         return None
     fig = Figure(figsize=(6, 3.2 * len(present)))
     for ax, diagnostic in zip(fig.subplots(len(present), 1, squeeze=False)[:, 0], present):
-        for name, records in runs.items():
+        for colour, (name, records) in enumerate(runs.items()):
             for key in sorted({k for r in records for k in r if k.startswith(diagnostic)}):
                 part = key.removeprefix(f"{diagnostic}_")
-                ax.plot(*_series(records, key), label=f"{name} {part}".strip(), linewidth=1)
+                steps, values = _series(records, key)
+                if window > 1 and len(values) >= window:
+                    values = np.convolve(values, np.ones(window) / window, mode="valid")
+                    steps = steps[window - 1:]
+                ax.plot(steps, values, label=f"{name} {part}".strip(), linewidth=1, color=f"C{colour}",
+                        linestyle="--" if part == "unlabeled" else "-")
         ax.set(xlabel="step", ylabel=DIAGNOSTICS[diagnostic])
         ax.legend(fontsize=7)
     fig.suptitle(title)
     return fig
 
 
-def plot_diagnostics(metrics: dict[str, str | Path], path: str | Path, title: str) -> Path | None:
+def plot_diagnostics(metrics: dict[str, str | Path], path: str | Path, title: str, window: int = 20) -> Path | None:
     """The contrastive diagnostics of several stages (name -> metrics.jsonl) on shared axes, e.g. the
-    transfer stage under each negative sampler; None when none of them logged any."""
-    fig = _diagnostics_figure({name: read_metrics(m) for name, m in metrics.items()}, title)
+    transfer stage under each negative sampler, as running means over `window` steps so that the
+    runs can be told apart; None when none of them logged any."""
+    fig = _diagnostics_figure({name: read_metrics(m) for name, m in metrics.items()}, title, window)
     return None if fig is None else _save(fig, Path(path))
 
 
