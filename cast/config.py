@@ -32,6 +32,9 @@ class DemoDataConfig:
     num_target_train: int = 300
     num_target_val: int = 100
     max_objects: int = 10
+    # The data set's own draw, not the run's seed: every seed of a study sees the same images, and runs
+    # of different seeds can share one data root.
+    seed: int = 0
 
 
 @dataclass
@@ -294,6 +297,7 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
     for key in ("num_source_train", "num_target_train", "num_target_val", "max_objects"):
         v = getattr(d.demo, key)
         _check(v >= 1, source, f"data.demo.{key}", f"must be >= 1, got {v}")
+    _check(d.demo.seed >= 0, source, "data.demo.seed", f"must be >= 0, got {d.demo.seed}")
 
     t = cfg.teacher
     _check_choice(t.kind, TEACHER_KINDS, source, "teacher.kind")

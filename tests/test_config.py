@@ -120,6 +120,7 @@ def test_shipped_configs_are_valid(name):
     ({"data": {"crop_size": ["a", 64]}}, "data.crop_size[0]", "expected int"),
     ({"data": {"crop_size": [64]}}, "data.crop_size", "must be [height, width]"),
     ({"data": {"demo": {"image_sise": 64}}}, "data.demo.image_sise", "unknown key"),
+    ({"data": {"demo": {"seed": -1}}}, "data.demo.seed", "must be >= 0, got -1"),
     ({"training": {"knowledge_transfer": {"steps": -1}}}, "training.knowledge_transfer.steps", "must be >= 0"),
     ({"training": {"student_refinement": []}}, "training.student_refinement", "expected a mapping"),
     ({"losses": {"num_negatives": 0}}, "losses.num_negatives", "R=0 must be >= 1"),

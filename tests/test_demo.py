@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from scipy import ndimage
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from cast.config import load_config
 from cast.data import demo
+from cast.data.prepare import ensure_demo_data
 from cast.data.demo import DEMO_CLASSES, generate, render_scene
 
 SMALL = dict(image_size=64, num_source_train=8, num_target_train=6, num_target_val=4)
@@ -57,6 +60,22 @@ def test_complete_set_is_kept_and_changed_params_redraw(tmp_path):
     (tmp_path / "source_train/images/000003.png").unlink()  # an incomplete set is drawn again
     generate(tmp_path, seed=0, progress=False, **fewer)
     assert (tmp_path / "source_train/images/000003.png").is_file()
+
+
+def test_the_run_seed_does_not_redraw_the_data(tmp_path):
+    """Runs of different seeds share one data root: the set is drawn from data.demo.seed, never from the
+    run's seed, so one run cannot redraw the images under another."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data"), "demo": dict(SMALL, seed=3)}}))
+    cfg = load_config(path)
+    cfg.seed = 5
+    ensure_demo_data(cfg)
+    manifest = json.loads((tmp_path / "data" / demo.MANIFEST).read_text())
+    assert manifest["params"]["seed"] == 3
+    files = _files(tmp_path / "data")
+    cfg.seed, cfg.teacher_seed = 1, 2
+    ensure_demo_data(cfg)
+    assert _files(tmp_path / "data") == files
 
 
 def test_coco_files_are_valid_and_masks_exact(small_set):

@@ -32,7 +32,7 @@ def ensure_demo_data(cfg: CastConfig, ctx: DistContext = DistContext()) -> None:
         from cast.data.demo import generate
 
         d = cfg.data.demo
-        generate(cfg.data.root, seed=cfg.shared_seed, image_size=d.image_size, num_source_train=d.num_source_train,
+        generate(cfg.data.root, seed=d.seed, image_size=d.image_size, num_source_train=d.num_source_train,
                  num_target_train=d.num_target_train, num_target_val=d.num_target_val, max_objects=d.max_objects)
     barrier()
 
