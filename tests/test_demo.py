@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pycocotools.coco import COCO
 from cast.config import load_config
 from cast.data import demo
 from cast.data.prepare import ensure_demo_data
+from cast.utils.folder_lock import exclusive_folder
 from cast.data.demo import DEMO_CLASSES, generate, render_scene
 
 SMALL = dict(image_size=64, num_source_train=8, num_target_train=6, num_target_val=4)
@@ -76,6 +78,33 @@ def test_the_run_seed_does_not_redraw_the_data(tmp_path):
     cfg.seed, cfg.teacher_seed = 1, 2
     ensure_demo_data(cfg)
     assert _files(tmp_path / "data") == files
+
+
+def _hold(folder: Path, held, release) -> None:
+    with exclusive_folder(folder, label="demo data"):
+        held.set()
+        release.wait(60)
+
+
+def test_a_run_waits_for_the_one_drawing_the_data(tmp_path):
+    """Seeds started together on a fresh root: the second waits for the first's draw, never reads a
+    half-written set."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data"), "demo": SMALL}}))
+    cfg = load_config(path)
+    fork = multiprocessing.get_context("fork")
+    held, release = fork.Event(), fork.Event()
+    other = fork.Process(target=_hold, args=(tmp_path / "data", held, release))  # another run, drawing
+    other.start()
+    assert held.wait(30)
+    run = fork.Process(target=ensure_demo_data, args=(cfg,))
+    run.start()
+    run.join(timeout=3)  # drawing this small set takes well under a second
+    assert run.is_alive() and not (tmp_path / "data" / demo.MANIFEST).exists()
+    release.set()
+    run.join(timeout=60)
+    other.join(timeout=60)
+    assert run.exitcode == 0 and (tmp_path / "data" / demo.MANIFEST).is_file()
 
 
 def test_coco_files_are_valid_and_masks_exact(small_set):
