@@ -233,3 +233,35 @@ def test_a_frozen_stand_in_encoder_stays_as_pretrained_through_1a_and_1b(tiny_ru
         assert encoder and all(torch.equal(adapted[k], pretrained[k]) for k in encoder), stage
         assert any(not torch.equal(adapted[k], pretrained[k]) for k in adapted if k.startswith("decoder."))
         assert json.loads((frozen.stage(stage) / "summary.json").read_text())["settings"]["frozen_parameters"]
+
+
+@pytest.mark.parametrize("entry", ["Pipeline", "run", "run_ablation", "pretrain_teacher"])
+def test_the_python_api_trains_on_the_configs_device(tmp_path, monkeypatch, entry):
+    """What the notebooks call (no context passed) honours `device`, as the command line does: a GPU
+    asked for is used, or its absence said, never replaced by the CPU in silence."""
+    from cast.config import load_config
+    from cast.pipeline.ablations import run_ablation
+    from cast.pipeline.runner import Pipeline, run
+    from cast.pipeline.teachers import pretrain_teacher
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config(tmp_path), "device": "cuda"}))
+    cfg = load_config(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = {"Pipeline": lambda: Pipeline(cfg), "run": lambda: run(cfg),
+             "run_ablation": lambda: run_ablation(cfg, "losses"), "pretrain_teacher": lambda: pretrain_teacher(cfg)}
+    with pytest.raises(RuntimeError, match="device='cuda' was asked for but CUDA is not available"):
+        calls[entry]()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_the_pipeline_picks_the_gpu_when_the_config_says_auto(tmp_path, monkeypatch):
+    from cast.config import load_config
+    from cast.pipeline.runner import Pipeline
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config(tmp_path), "device": "auto"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Pipeline(load_config(config)).ctx.device == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Pipeline(load_config(config)).ctx.device == torch.device("cpu")

@@ -30,7 +30,7 @@ from cast.pipeline.stages import reuse_or_train, stage_spec
 from cast.runs import RunFolder
 from cast.training.objective import Objective
 from cast.training.plots import plot_diagnostics
-from cast.utils.distributed import DistContext, barrier
+from cast.utils.distributed import DistContext, barrier, init_distributed
 from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_json, atomic_write_text
 
@@ -189,10 +189,12 @@ def render_markdown(study: str, rows: list[dict[str, Any]], cfg: CastConfig, see
     return "\n".join(lines) + "\n"
 
 
-def run_ablation(cfg: CastConfig, study: str, ctx: DistContext = DistContext(),
+def run_ablation(cfg: CastConfig, study: str, ctx: DistContext | None = None,
                  seeds: list[int] | None = None) -> dict[str, Any]:
     """Run one study (over `seeds`: each seed's in its folder, the table aggregated over them);
-    writes ablations/<study>.json and .md and returns {"rows", "markdown"}."""
+    writes ablations/<study>.json and .md and returns {"rows", "markdown"}. `ctx` None: this
+    process on cfg.device."""
+    ctx = ctx or init_distributed(cfg.device)
     if study not in STUDIES:
         raise ValueError(f"unknown ablation study {study!r}; expected one of {', '.join(STUDIES)}")
     extra: dict[str, Any] = {}

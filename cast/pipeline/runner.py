@@ -28,7 +28,7 @@ from cast.runs import STAGES, RunFolder
 from cast.training.checkpoint import seed_all
 from cast.training.metrics import diagnostics_summary
 from cast.training.plots import plot_report
-from cast.utils.distributed import DistContext, barrier
+from cast.utils.distributed import DistContext, barrier, init_distributed
 from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_text
 from cast.utils.machine import describe_machine, machine_info
@@ -59,11 +59,12 @@ def prepare_run_folder(cfg: CastConfig, folder: RunFolder, ctx: DistContext = Di
 @dataclass
 class Pipeline:
     cfg: CastConfig
-    ctx: DistContext = field(default_factory=DistContext)
+    ctx: DistContext | None = None  # None: this process on the config's device
     timings: dict[str, float] = field(default_factory=dict)
     stage_machines: dict[str, str] = field(default_factory=dict)  # where each stage wall was measured
 
     def __post_init__(self) -> None:
+        self.ctx = self.ctx or init_distributed(self.cfg.device)
         self.folder = RunFolder(self.cfg.run_dir)
         # The teacher stages, their pseudo-labels and evaluations: shared by the seeds of a study.
         self.shared = RunFolder(self.cfg.shared_dir) if self.cfg.shared_dir else self.folder
@@ -176,9 +177,10 @@ class Pipeline:
         return report
 
 
-def run(cfg: CastConfig, ctx: DistContext = DistContext(), seeds: list[int] | None = None) -> dict[str, Any]:
+def run(cfg: CastConfig, ctx: DistContext | None = None, seeds: list[int] | None = None) -> dict[str, Any]:
     """`python -m cast run [--seeds ...]`: the report (with seeds, aggregated over them and
-    written to runs/<name>/report.json and report.md)."""
+    written to runs/<name>/report.json and report.md). `ctx` None: this process on cfg.device."""
+    ctx = ctx or init_distributed(cfg.device)
     if not seeds:
         seed_all(cfg.seed)
         return Pipeline(cfg, ctx).run()

@@ -27,7 +27,7 @@ from cast.models.student import build_student
 from cast.pipeline.stages import reuse_or_train, stage_seed, stage_spec
 from cast.structures import InstanceSample
 from cast.utils.cache import json_digest
-from cast.utils.distributed import DistContext, barrier
+from cast.utils.distributed import DistContext, barrier, init_distributed
 from cast.utils.folder_lock import exclusive_folder
 
 
@@ -63,8 +63,10 @@ def pretrain_standin(cfg: CastConfig, source: Sequence[InstanceSample], classes:
     return folder / "model"
 
 
-def pretrain_teacher(cfg: CastConfig, ctx: DistContext = DistContext()) -> Path:
-    """`python -m cast pretrain-teacher`: the stand-in teacher's model folder (trained when missing)."""
+def pretrain_teacher(cfg: CastConfig, ctx: DistContext | None = None) -> Path:
+    """`python -m cast pretrain-teacher`: the stand-in teacher's model folder (trained when missing;
+    `ctx` None: this process on cfg.device)."""
+    ctx = ctx or init_distributed(cfg.device)
     if cfg.teacher.kind != "standin":
         raise ValueError(f"teacher.kind={cfg.teacher.kind!r}: only the stand-in teacher is pretrained here "
                          "(a foundation-model teacher comes pretrained)")
