@@ -14,7 +14,7 @@ from scipy import ndimage
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from cast.config import load_config
+from cast.config import CastConfig, load_config
 from cast.data import demo
 from cast.data.prepare import ensure_demo_data
 from cast.utils.folder_lock import exclusive_folder
@@ -64,12 +64,17 @@ def test_complete_set_is_kept_and_changed_params_redraw(tmp_path):
     assert (tmp_path / "source_train/images/000003.png").is_file()
 
 
+def _demo_run(root: Path, **demo_args) -> CastConfig:
+    """A run's config whose demo set (SMALL) lives in root/data."""
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": str(root / "data"), "demo": dict(SMALL, **demo_args)}}))
+    return load_config(path)
+
+
 def test_the_run_seed_does_not_redraw_the_data(tmp_path):
     """Runs of different seeds share one data root: the set is drawn from data.demo.seed, never from the
     run's seed, so one run cannot redraw the images under another."""
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data"), "demo": dict(SMALL, seed=3)}}))
-    cfg = load_config(path)
+    cfg = _demo_run(tmp_path, seed=3)
     cfg.seed = 5
     ensure_demo_data(cfg)
     manifest = json.loads((tmp_path / "data" / demo.MANIFEST).read_text())
@@ -89,9 +94,7 @@ def _hold(folder: Path, held, release) -> None:
 def test_a_run_waits_for_the_one_drawing_the_data(tmp_path):
     """Seeds started together on a fresh root: the second waits for the first's draw, never reads a
     half-written set."""
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data"), "demo": SMALL}}))
-    cfg = load_config(path)
+    cfg = _demo_run(tmp_path)
     fork = multiprocessing.get_context("fork")
     held, release = fork.Event(), fork.Event()
     other = fork.Process(target=_hold, args=(tmp_path / "data", held, release))  # another run, drawing

@@ -11,7 +11,11 @@ import torch
 import yaml
 
 from cast.cli import main
+from cast.config import CastConfig, load_config
+from cast.pipeline.ablations import run_ablation
 from cast.pipeline.report import render_markdown
+from cast.pipeline.runner import Pipeline, run
+from cast.pipeline.teachers import pretrain_teacher
 from cast.runs import STAGES, RunFolder
 from cast.utils.machine import describe_machine, machine_info
 
@@ -235,18 +239,17 @@ def test_a_frozen_stand_in_encoder_stays_as_pretrained_through_1a_and_1b(tiny_ru
         assert json.loads((frozen.stage(stage) / "summary.json").read_text())["settings"]["frozen_parameters"]
 
 
+def _on_device(root: Path, device: str) -> CastConfig:
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config(root), "device": device}))
+    return load_config(config)
+
+
 @pytest.mark.parametrize("entry", ["Pipeline", "run", "run_ablation", "pretrain_teacher"])
 def test_the_python_api_trains_on_the_configs_device(tmp_path, monkeypatch, entry):
     """What the notebooks call (no context passed) honours `device`, as the command line does: a GPU
     asked for is used, or its absence said, never replaced by the CPU in silence."""
-    from cast.config import load_config
-    from cast.pipeline.ablations import run_ablation
-    from cast.pipeline.runner import Pipeline, run
-    from cast.pipeline.teachers import pretrain_teacher
-
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config(tmp_path), "device": "cuda"}))
-    cfg = load_config(config)
+    cfg = _on_device(tmp_path, "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     calls = {"Pipeline": lambda: Pipeline(cfg), "run": lambda: run(cfg),
              "run_ablation": lambda: run_ablation(cfg, "losses"), "pretrain_teacher": lambda: pretrain_teacher(cfg)}
@@ -256,12 +259,8 @@ def test_the_python_api_trains_on_the_configs_device(tmp_path, monkeypatch, entr
 
 
 def test_the_pipeline_picks_the_gpu_when_the_config_says_auto(tmp_path, monkeypatch):
-    from cast.config import load_config
-    from cast.pipeline.runner import Pipeline
-
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config(tmp_path), "device": "auto"}))
+    cfg = _on_device(tmp_path, "auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert Pipeline(load_config(config)).ctx.device == torch.device("cuda:0")
+    assert Pipeline(cfg).ctx.device == torch.device("cuda:0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert Pipeline(load_config(config)).ctx.device == torch.device("cpu")
+    assert Pipeline(cfg).ctx.device == torch.device("cpu")
