@@ -110,6 +110,23 @@ def test_a_run_waits_for_the_one_drawing_the_data(tmp_path):
     assert run.exitcode == 0 and (tmp_path / "data" / demo.MANIFEST).is_file()
 
 
+def test_a_complete_set_on_a_read_only_root_is_used_as_it_is(tmp_path, monkeypatch):
+    """Only drawing takes the data folder: a complete set is read without writing a lock into it."""
+    cfg = _demo_run(tmp_path)
+    ensure_demo_data(cfg)
+    files = _files(tmp_path / "data")
+
+    def read_only(folder, **kwargs):
+        raise OSError(f"demo data {folder} is not writable: Read-only file system")
+
+    monkeypatch.setattr(demo, "exclusive_folder", read_only)
+    ensure_demo_data(cfg)
+    assert _files(tmp_path / "data") == files
+    cfg.data.demo.num_target_val += 1  # another set must be drawn: that needs the folder
+    with pytest.raises(OSError, match="is not writable"):
+        ensure_demo_data(cfg)
+
+
 def test_coco_files_are_valid_and_masks_exact(small_set):
     root, manifest = small_set
     assert manifest["classes"] == list(DEMO_CLASSES)

@@ -35,6 +35,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_text, read_json
 
 DEMO_CLASSES = ("disc", "square", "triangle", "cross")
@@ -255,12 +256,21 @@ def generate(root: str | Path, seed: int = 0, image_size: int = 128, num_source_
     root = Path(root)
     params = _params(seed, image_size, num_source_train, num_target_train, num_target_val, max_objects,
                      min_visible_area)
+    # A complete set is only read, so it may sit on a read-only folder; drawing holds the folder, and
+    # whoever waited for another process's draw finds it complete.
     manifest = _complete(root, params)
     if manifest is not None:
         return manifest
+    with exclusive_folder(root, label="demo data", wait=True):
+        return _complete(root, params) or _draw(root, params, progress)
+
+
+def _draw(root: Path, params: dict[str, int], progress: bool) -> dict[str, Any]:
+    seed, image_size, max_objects, min_visible_area = (params[k] for k in ("seed", "image_size", "max_objects",
+                                                                           "min_visible_area"))
+    counts = {split: params[f"num_{split}"] for split, _ in SPLITS}
     # The manifest marks a complete set: remove it before touching anything else.
     (root / MANIFEST).unlink(missing_ok=True)
-    counts = {"source_train": num_source_train, "target_train": num_target_train, "target_val": num_target_val}
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(DEMO_CLASSES)]
     manifest = {"format_version": FORMAT_VERSION, "params": params, "classes": list(DEMO_CLASSES), "splits": {}}
     image_id = ann_id = 0

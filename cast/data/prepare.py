@@ -12,7 +12,6 @@ from cast.data.registry import read_train_val
 from cast.data.splits import apply_split, load_split, make_split, save_split
 from cast.utils.cache import require_same_settings
 from cast.utils.distributed import DistContext, barrier
-from cast.utils.folder_lock import exclusive_folder
 
 
 @dataclass
@@ -34,10 +33,8 @@ def ensure_demo_data(cfg: CastConfig, ctx: DistContext = DistContext()) -> None:
 
         d = cfg.data.demo
         # Runs started together (seeds in parallel) draw the set once; the others wait, then keep it.
-        with exclusive_folder(cfg.data.root, label="demo data", wait=True):
-            generate(cfg.data.root, seed=d.seed, image_size=d.image_size, num_source_train=d.num_source_train,
-                     num_target_train=d.num_target_train, num_target_val=d.num_target_val,
-                     max_objects=d.max_objects)
+        generate(cfg.data.root, seed=d.seed, image_size=d.image_size, num_source_train=d.num_source_train,
+                 num_target_train=d.num_target_train, num_target_val=d.num_target_val, max_objects=d.max_objects)
     barrier()
 
 
