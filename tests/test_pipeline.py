@@ -15,7 +15,7 @@ from cast.config import CastConfig, load_config
 from cast.pipeline.ablations import run_ablation
 from cast.pipeline.report import render_markdown
 from cast.pipeline.runner import Pipeline, run
-from cast.pipeline.teachers import pretrain_teacher
+from cast.pipeline.teachers import pretrain_teacher, standin_dir
 from cast.runs import STAGES, RunFolder
 from cast.utils.machine import describe_machine, machine_info
 
@@ -237,6 +237,26 @@ def test_a_frozen_stand_in_encoder_stays_as_pretrained_through_1a_and_1b(tiny_ru
         assert encoder and all(torch.equal(adapted[k], pretrained[k]) for k in encoder), stage
         assert any(not torch.equal(adapted[k], pretrained[k]) for k in adapted if k.startswith("decoder."))
         assert json.loads((frozen.stage(stage) / "summary.json").read_text())["settings"]["frozen_parameters"]
+
+
+def test_the_stand_in_follows_its_source_data_not_the_folder_it_sits_in(tiny_run, tmp_path):
+    """A copied data folder keeps its pretrained stand-in; other source annotations get their own."""
+    import shutil
+
+    config, folder = tiny_run
+    cache = folder.root.parents[1] / "data" / "cache"
+    trained = pretrain_teacher(load_config(config))
+    stamp = (trained / "model.safetensors").stat().st_mtime_ns
+    shutil.copytree(folder.root.parents[1] / "data" / "demo", tmp_path / "moved")
+    cfg = load_config(config, overrides=[f"data.root={tmp_path / 'moved'}"])
+    assert pretrain_teacher(cfg) == trained and (trained / "model.safetensors").stat().st_mtime_ns == stamp
+
+    annotations = tmp_path / "moved" / "source_train" / "annotations.json"
+    coco = json.loads(annotations.read_text())
+    coco["annotations"] = coco["annotations"][1:]
+    annotations.write_text(json.dumps(coco))
+    assert standin_dir(cfg, ["x"]).parent == cache and standin_dir(cfg, ["x"]) != \
+        standin_dir(load_config(config), ["x"])
 
 
 def _on_device(root: Path, device: str) -> CastConfig:

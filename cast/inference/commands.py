@@ -10,7 +10,6 @@ the partial results of other settings). Each message names the path it is about.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from cast.data.errors import DataError
+from cast.utils.cache import file_digest
 from cast.utils.distributed import DistContext
 
 
@@ -43,16 +43,8 @@ def open_model(path: str | os.PathLike, device: torch.device) -> tuple[Any, dict
         model = model.to(device)
         digest = weights_hash(model)
     else:
-        digest = _file_digest(Path(path))
+        digest = file_digest(path)
     return model, {"path": os.path.abspath(path), "weights": digest}
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

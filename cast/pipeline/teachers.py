@@ -7,7 +7,7 @@ preset of the project's own model ("demo-teacher") trained by our own trainer on
 SOURCE domain (fully labeled), then used on the target domain without adaptation, which is what
 a foundation model does on a new domain. It is cached under
 <cache_dir>/standin-<preset>-<key>/, the key hashing everything that determines it (its
-configuration, the source data and the seed), and trained like any stage (reuse_or_train), so a
+configuration, the source annotations' content and the seed), and trained like any stage (reuse_or_train), so a
 second run, or another run name, reuses it.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from cast.models.auto import load_model
 from cast.models.student import build_student
 from cast.pipeline.stages import reuse_or_train, stage_seed, stage_spec
 from cast.structures import InstanceSample
-from cast.utils.cache import json_digest
+from cast.utils.cache import file_digest, json_digest
 from cast.utils.distributed import DistContext, barrier, init_distributed
 from cast.utils.folder_lock import exclusive_folder
 
@@ -35,10 +35,10 @@ def standin_dir(cfg: CastConfig, classes: Sequence[str]) -> Path:
     """The stand-in's cache folder: one per combination of what determines it."""
     identity = {"preset": cfg.teacher.preset, "overrides": cfg.teacher.preset_overrides,
                 "embedding_stride": cfg.losses.embedding_stride,
-                "train": dataclasses.asdict(cfg.teacher.pretrain.train), "source": cfg.teacher.pretrain.source,
-                # The source images do not depend on how many target images the demo set draws.
-                "data_root": str(Path(cfg.data.root).resolve()),
-                "demo": {k: v for k, v in dataclasses.asdict(cfg.data.demo).items() if not k.startswith("num_target")},
+                "train": dataclasses.asdict(cfg.teacher.pretrain.train),
+                # What is in the source folder, not where it is: a moved or copied data folder keeps its
+                # stand-in, and the demo's target counts (which leave the source images as they are) too.
+                "source": file_digest(Path(cfg.data.root) / cfg.teacher.pretrain.source / "annotations.json"),
                 "crop_size": cfg.data.crop_size, "batch_size": cfg.data.batch_size, "seed": cfg.shared_seed,
                 "classes": list(classes), "code_version": cast.__version__}
     return Path(cfg.teacher.pretrain.cache_dir) / f"standin-{cfg.teacher.preset}-{json_digest(identity)[:16]}"
