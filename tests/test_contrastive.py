@@ -154,6 +154,39 @@ def test_sampler_follows_debiased_weights(method, signed):
     assert _chi_square_p(counts, probs, draws) > P_THRESHOLD
 
 
+def test_auto_sampler_turns_exact_when_rejection_would_cost_more(monkeypatch):
+    """Nearly identical predictions (early training) accept a few proposals in 1 000: "auto" stops
+    rejection after the round that measured this, rejection alone runs every round, and a pool
+    no larger than R is drawn exactly at once; every path draws from the same law."""
+    import cast.losses.sampling as sampling
+
+    rounds = {"n": 0}
+    step = sampling._rejection_step
+
+    def counted(*args, **kwargs):
+        rounds["n"] += 1
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_rejection_step", counted)
+    n, r, calls = 100, 50, 60  # pool larger than R: exact at once would cost more than a round
+    y = torch.zeros(1, n, 6)
+    y[..., 0] = 1.0
+    y[0, torch.arange(n), 1 + torch.arange(n) % 5] = 0.05  # five groups, s_deb ~ 0.0025 across them
+    y[..., 1:] += 0.01 * torch.rand(1, n, 5, generator=_generator(7))
+    weights = _debiased_weights(y)
+    probs = weights / weights.sum(1, keepdim=True)
+    for method, expected_rounds in (("auto", calls), ("rejection", 32 * calls)):
+        rounds["n"] = 0
+        gen = _generator(8)
+        counts = sum(_counts(sample_negatives(y, r, gen, method=method, max_rounds=32), n) for _ in range(calls))
+        assert rounds["n"] == expected_rounds
+        assert counts.diagonal().sum() == 0
+        assert _chi_square_p(counts, probs, r * calls) > P_THRESHOLD
+    rounds["n"] = 0
+    sample_negatives(y[:, :40], 64, _generator(9))  # 40 pixels, R = 64
+    assert rounds["n"] == 0
+
+
 def test_sampler_is_reproducible_with_a_generator():
     y = torch.rand(2, 30, 4)
     first = sample_negatives(y, 7, _generator(3))

@@ -12,6 +12,7 @@ left resolved exactly from `negative_weights`, chunk by chunk.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -132,7 +133,7 @@ def _rejection_step(y: torch.Tensor, pending: torch.Tensor, num_negatives: int, 
                     chunk_elements: int) -> torch.Tensor:
     """Propose `per_draw` uniform candidates for each pending draw (flat ids into out_flat, sorted),
     accept each with probability s_deb / w_max, store the first accepted one; returns which
-    draws were filled."""
+    draws were filled and how many proposals would have been accepted."""
     anchors = pending // num_negatives
     candidates = pool[torch.randint(0, pool.numel(), (pending.numel(), per_draw), generator=generator,
                                     device=pool.device)]
@@ -145,7 +146,7 @@ def _rejection_step(y: torch.Tensor, pending: torch.Tensor, num_negatives: int, 
     done = accepted.any(1)
     first = accepted.byte().argmax(1)  # argmax returns the first maximal index
     out_flat[pending[done]] = candidates[done, first[done]]
-    return done
+    return done, accepted.sum()
 
 
 def pool_of(valid_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +233,8 @@ def sample_negatives(y: torch.Tensor | None, num_negatives: int, generator: torc
         method: "rejection" (uniform proposals accepted with probability s_deb / max s_deb for
             up to `max_rounds` rounds, leftovers resolved exactly), "exact" (chunked exact
             categorical draws for every anchor, cost B*N * B*N * E), or "auto" (rejection,
-            switching to exact once that costs fewer weight evaluations than another round).
+            switching to exact once that costs fewer weight evaluations than the proposals
+            rejection still needs at the last round's acceptance rate).
         max_rounds: bound on rejection rounds.
         chunk_elements: bound on the size of any intermediate tensor (memory knob).
 
@@ -287,16 +289,26 @@ def sample_negatives(y: torch.Tensor | None, num_negatives: int, generator: torc
     # number of rounds and the switch to exact) depends only on accept/reject events, never on
     # accepted values, so every draw, accepted or resolved exactly from w / sum(w), has the
     # target law, independently of the others.
+    acceptance = None  # share of the last round's proposals that were acceptable
     for _ in range(max_rounds if method != "exact" else 0):
         p = pending.numel()
         if p == 0:
             break
         per_draw = max(1, total // p)  # a round never proposes more than the first one did
-        if method == "auto" and torch.unique_consecutive(pending // r).numel() * m <= p * per_draw:
-            break
+        if method == "auto":
+            # Exact evaluates one weight per (pending anchor, pool pixel); rejection proposes at
+            # least one more round and, once a round has measured the acceptance rate, p /
+            # acceptance proposals in expectation.
+            rejection_cost = p * per_draw
+            if acceptance is not None:
+                rejection_cost = math.inf if acceptance == 0 else max(rejection_cost, p / acceptance)
+            if torch.unique_consecutive(pending // r).numel() * m <= rejection_cost:
+                break
         step = max(1, chunk_elements // per_draw)  # bounds this round's temporaries
-        done = torch.cat([_rejection_step(y_flat, pending[lo:lo + step], r, per_draw, pool, w_max, out_flat,
-                                          generator, chunk_elements) for lo in range(0, p, step)])
+        steps = [_rejection_step(y_flat, pending[lo:lo + step], r, per_draw, pool, w_max, out_flat,
+                                 generator, chunk_elements) for lo in range(0, p, step)]
+        done = torch.cat([d for d, _ in steps])
+        acceptance = float(sum(a for _, a in steps)) / (p * per_draw)
         pending = pending[~done]
     if pending.numel():
         _resolve_exactly(y_flat, pending, r, pool, pool_position, out_flat, generator, chunk_elements)

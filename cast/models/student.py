@@ -113,6 +113,8 @@ class CastStudent(PredictImages, nn.Module):
             # Collate padding becomes the mean colour (0 after normalising), like the padding below.
             pixels = pixels * pixel_mask[:, None].to(pixels.dtype)
         pixels = F.pad(pixels, (0, (-width) % SIZE_DIVISIBILITY, 0, (-height) % SIZE_DIVISIBILITY))
+        if not self.encoder.is_vit:  # convolutions run 10-20 % faster on channels-last tensors
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         return self.neck(self.encoder(pixels))
 
     def _embeddings(self, features: list[torch.Tensor], input_size: tuple[int, int]) -> torch.Tensor:
