@@ -130,7 +130,7 @@ def pair_dots_grad(x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, grad
 
 def _rejection_step(y: torch.Tensor, pending: torch.Tensor, num_negatives: int, per_draw: int,
                     pool: torch.Tensor, w_max: float, out_flat: torch.Tensor, generator: torch.Generator | None,
-                    chunk_elements: int) -> torch.Tensor:
+                    chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Propose `per_draw` uniform candidates for each pending draw (flat ids into out_flat, sorted),
     accept each with probability s_deb / w_max, store the first accepted one; returns which
     draws were filled and how many proposals would have been accepted."""

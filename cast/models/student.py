@@ -113,7 +113,7 @@ class CastStudent(PredictImages, nn.Module):
             # Collate padding becomes the mean colour (0 after normalising), like the padding below.
             pixels = pixels * pixel_mask[:, None].to(pixels.dtype)
         pixels = F.pad(pixels, (0, (-width) % SIZE_DIVISIBILITY, 0, (-height) % SIZE_DIVISIBILITY))
-        if not self.encoder.is_vit:  # convolutions run 10-20 % faster on channels-last tensors
+        if not self.encoder.is_vit:  # oneDNN's NHWC convolutions: faster on some CPUs (docs/results.md)
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return self.neck(self.encoder(pixels))
 
