@@ -10,7 +10,7 @@ import yaml
 
 from cast.cli import main
 from cast.pipeline import runner
-from cast.pipeline.seeds import aggregate_rows, parse_seeds
+from cast.pipeline.seeds import aggregate_rows, parse_seeds, seeds_summary
 from cast.runs import STAGES, RunFolder
 from test_pipeline import write_config
 
@@ -85,7 +85,9 @@ def test_a_failing_seed_does_not_lose_the_others(seeded, monkeypatch, capsys):
     report = json.loads((run_dir.parent / "flaky" / "report.json").read_text())
     assert report["seeds"] == [0, 1] and report["failed_seeds"] == {"1": "RuntimeError: injected failure"}
     assert all(row["AP_seeds"].keys() == {"0"} for row in report["rows"])
-    assert "Seed 1 failed: RuntimeError: injected failure" in (run_dir.parent / "flaky" / "report.md").read_text()
+    md = (run_dir.parent / "flaky" / "report.md").read_text()
+    assert "Seed 1 failed: RuntimeError: injected failure" in md
+    assert "(mean over seeds 0)" in md and "seeds 0, 1" not in md  # the mean is not over the failed seed
 
 
 @pytest.mark.slow
@@ -129,3 +131,18 @@ def test_seed_lists_and_aggregation():
     assert rows == [{"model": "m", "AP": 12.0, "AP_std": 2.83, "AP_seeds": {"0": 10.0, "1": 14.0}, "AP50": 25.0,
                      "AP50_std": 7.07, "AP50_seeds": {"0": 20.0, "1": 30.0}, "params_m": 1.0}]
     assert STAGES[:2] == ("teacher_adaptation", "teacher_self_training")
+
+
+def test_an_ablation_table_names_only_the_seeds_it_averages():
+    """Two studies on one seed folder at once: the second's seed fails on the folder's lock, and its
+    table must say the means are over the other seeds and which one failed."""
+    from cast.config import CastConfig
+    from cast.pipeline.ablations import render_markdown
+
+    rows = [{"variant": "uniform", "AP": 20.0, "AP_std": 0.0, "AP50": 36.0, "AP50_std": 0.0, "paper_AP": 29.4,
+             "paper_AP50": 50.2, "source": "trained"}]
+    failed = {1: "FolderInUseError: run folder runs/x/seed_1 is in use"}
+    md = render_markdown("samplers", rows, CastConfig(), seeds_summary([0, 1, 2], failed, "runs/x"))
+    assert "mean ± std over seeds 0, 2." in md and "seeds 0, 1, 2" not in md
+    assert "- Seed 1 failed: FolderInUseError: run folder runs/x/seed_1 is in use" in md
+    assert "over seeds" not in render_markdown("samplers", rows, CastConfig(), {})

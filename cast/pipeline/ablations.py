@@ -25,7 +25,7 @@ from cast.evaluation.evaluator import Evaluator
 from cast.models.auto import load_model
 from cast.pipeline.report import fmt, spread
 from cast.pipeline.runner import Pipeline, new_student
-from cast.pipeline.seeds import aggregate_rows, over_seeds, seed_config, seeds_summary
+from cast.pipeline.seeds import aggregate_rows, over_seeds, seed_config, seeds_markdown, seeds_summary
 from cast.pipeline.stages import reuse_or_train, stage_spec
 from cast.runs import RunFolder
 from cast.training.objective import Objective
@@ -178,14 +178,18 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def render_markdown(study: str, rows: list[dict[str, Any]], cfg: CastConfig, seeds: list[int] | None = None) -> str:
-    over = f", mean ± std over seeds {', '.join(map(str, seeds))}" if seeds else ""
+def render_markdown(study: str, rows: list[dict[str, Any]], cfg: CastConfig, summary: dict[str, Any]) -> str:
+    """The table; `summary`: seeds_summary's keys for a study over seeds, else {}."""
+    seeds, failures = seeds_markdown(summary)
+    over = f", mean ± std over {seeds}" if seeds else ""
     lines = [f"# Ablation, {TITLES[study]}", "",
              f"Run {cfg.name}: {cfg.data.kind} data, mask AP on val{over}. Paper: Cityscapes 10 % (for reference).",
              "", "| variant | AP | AP50 | paper AP | paper AP50 | source |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         lines.append(f"| {r['variant']} | {spread(r, 'AP')} | {spread(r, 'AP50')} | {fmt(r['paper_AP'])} | "
                      f"{fmt(r['paper_AP50'])} | {r['source']} |")
+    if failures:
+        lines += [""] + failures
     return "\n".join(lines) + "\n"
 
 
@@ -207,7 +211,7 @@ def run_ablation(cfg: CastConfig, study: str, ctx: DistContext | None = None,
     else:
         with exclusive_folder(cfg.run_dir, enabled=ctx.is_main, label="run folder"):
             rows = STUDIES[study](Ablation(cfg, study, ctx))
-    markdown = render_markdown(study, rows, cfg, extra.get("seeds"))
+    markdown = render_markdown(study, rows, cfg, extra)
     table = {"study": study, "title": TITLES[study], "rows": rows, **extra, "markdown": markdown}
     if ctx.is_main:
         root = RunFolder(cfg.run_dir).ablations

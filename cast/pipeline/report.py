@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cast.config import CastConfig, config_to_dict
+from cast.pipeline.seeds import seeds_markdown
 from cast.utils.io import atomic_write_json, atomic_write_text
 from cast.utils.machine import describe_machine
 
@@ -117,15 +118,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             + "."]
     lines += ["", f"Paper efficiency, for reference: {PAPER_EFFICIENCY}.", ""]
     lines += _diagnostic_lines(report["rows"])
-    seeds = report.get("seeds")
-    over = f" (mean over seeds {', '.join(map(str, seeds))})" if seeds else ""
+    seeds, failures = seeds_markdown(report)
+    over = f" (mean over {seeds})" if seeds else ""
     for goal, _, _, margin, wording in CLAIMS:
         if goal in report.get("goals", {}):
             g = report["goals"][goal]
             lines.append(f"- {wording}: {g['gain_ap']:+.1f} AP{over} ({'meets' if g['met'] else 'misses'} "
                          f"the >= {margin:g} AP goal).")
-    for seed, error in (report.get("failed_seeds") or {}).items():
-        lines.append(f"- Seed {seed} failed: {error}")
+    lines += failures
     lines += _wall_lines(report)
     return "\n".join(lines) + "\n"
 

@@ -84,3 +84,12 @@ def aggregate_rows(rows_by_seed: dict[int, list[dict[str, Any]]], key: str) -> l
 def seeds_summary(seeds: Sequence[int], failures: dict[int, str], shared_dir: str | Path) -> dict[str, Any]:
     return {"seeds": list(seeds), "failed_seeds": {str(s): e for s, e in failures.items()},
             "shared_dir": str(shared_dir)}
+
+
+def seeds_markdown(summary: dict[str, Any]) -> tuple[str, list[str]]:
+    """("seeds 0, 2", ["- Seed 1 failed: ..."]) for a report or table with `seeds_summary`'s keys: the
+    seeds its means are over (never one that failed) and a line per failure; ("", []) without seeds."""
+    failed = summary.get("failed_seeds") or {}
+    averaged = [s for s in summary.get("seeds") or [] if str(s) not in failed]
+    over = f"seeds {', '.join(map(str, averaged))}" if averaged else ""
+    return over, [f"- Seed {seed} failed: {error}" for seed, error in failed.items()]
