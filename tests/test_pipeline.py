@@ -154,6 +154,54 @@ def test_sampler_ablation_table(tiny_run):
 
 
 
+
+@pytest.mark.slow
+def test_loss_and_stage_ablations_train_each_variant_and_read_the_rest_from_the_main_run(tiny_run):
+    config, folder = tiny_run
+    main_rows = {r["model"]: r for r in json.loads(folder.report_json.read_text())["rows"]}
+    expected = {"losses": {"L_sup": "trained", "L_sup + L_semi": "trained", "L_sup + L_pxl": "trained",
+                           "all (CAST)": "knowledge_transfer"},
+                "stages": {"full (1a, 1b, 2, 3)": "student_refinement", "no refinement (3)": "knowledge_transfer",
+                           "no teacher adaptation (1a, 1b)": "trained", "distillation only": "trained"}}
+    for study, variants in expected.items():
+        assert main(["ablate", "--config", str(config), "--study", study]) == 0
+        rows = json.loads((folder.ablations / f"{study}.json").read_text())["rows"]
+        assert [r["variant"] for r in rows] == list(variants)
+        for row in rows:
+            source = variants[row["variant"]]
+            if source == "trained":
+                assert row["source"] == "trained"
+            else:  # the variant the main run already is, with its numbers
+                assert row["source"] == "main run" and row["AP"] == round(main_rows[source]["AP"], 2)
+    trained = folder.ablations / "stages" / "stages"
+    assert {p.name for p in trained.iterdir()} == {"no_adaptation_transfer", "no_adaptation_refinement",
+                                                   "distillation_only"}
+    assert {p.name for p in (folder.ablations / "losses" / "stages").iterdir()} == {
+        "l_sup", "l_sup_l_semi", "l_sup_l_pxl"}
+
+
+@pytest.mark.slow
+def test_label_fraction_ablation_runs_a_whole_pipeline_per_fraction(tiny_run):
+    from cast.pipeline.ablations import fraction_reports
+
+    config, folder = tiny_run
+    assert main(["ablate", "--config", str(config), "--study", "label_fraction",
+                 "--set", "ablations.label_fractions=[0.5, 0.25]"]) == 0
+    rows = json.loads((folder.ablations / "label_fraction.json").read_text())["rows"]
+    assert [(r["variant"], r["source"]) for r in rows] == [("50 % labeled", "sub-run fraction_0.5"),
+                                                          ("25 % labeled", "main run")]
+    sub = RunFolder(folder.ablations / "label_fraction" / "fraction_0.5")
+    assert set(sub.available_models()) == set(STAGES)  # its own teacher stages too: they read the labels
+    labeled = [len(json.loads(f.split.read_text())["labeled_image_ids"]) for f in (sub, folder)]
+    assert labeled == [4, 2]  # half, then a quarter, of the 8 target images
+    sub_rows = json.loads(sub.report_json.read_text())["rows"]
+    assert rows[0]["AP"] == round(next(r for r in sub_rows if r["model"] == "student_refinement")["AP"], 2)
+    # the figure reads every model of each fraction's run
+    cfg = load_config(config, ["ablations.label_fractions=[0.5, 0.25]"])
+    assert fraction_reports(cfg) == {0.5: sub_rows, 0.25: json.loads(folder.report_json.read_text())["rows"]}
+    assert (folder.ablations / "label_fraction.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.slow
 def test_a_stage_finished_under_other_settings_is_refused_not_reused(tiny_run, capsys):
     config, folder = tiny_run

@@ -103,6 +103,22 @@ def test_an_ablation_over_seeds_aggregates_its_table(seeded):
     assert "mean ± std over seeds 0, 1" in (run_dir / "ablations" / "samplers.md").read_text()
 
 
+
+@pytest.mark.slow
+def test_the_label_fraction_study_over_seeds_shares_each_fractions_teacher_and_draws_the_mean(seeded):
+    config, run_dir = seeded
+    assert main(["ablate", "--config", str(config), "--study", "label_fraction", "--seeds", "0,1",
+                 "--set", "ablations.label_fractions=[0.5, 0.25]"]) == 0
+    shared = RunFolder(run_dir / "ablations" / "label_fraction" / "fraction_0.5")  # trained once
+    assert shared.available_models() == ["teacher_adaptation", "teacher_self_training"]
+    for seed in (0, 1):
+        sub = RunFolder(run_dir / f"seed_{seed}" / "ablations" / "label_fraction" / "fraction_0.5")
+        assert sub.available_models() == ["knowledge_transfer", "student_refinement", "student_supervised"]
+    table = json.loads((run_dir / "ablations" / "label_fraction.json").read_text())
+    assert [r["variant"] for r in table["rows"]] == ["50 % labeled", "25 % labeled"] and table["seeds"] == [0, 1]
+    assert (run_dir / "ablations" / "label_fraction.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.slow
 def test_the_evaluation_notebook_shows_the_table_over_seeds(seeded, tmp_path):
     import nbformat

@@ -8,11 +8,14 @@
 The main run is completed first (every finished piece of it is reused); variants that the main
 run already is (e.g. "all" losses, the run's own sampler) are read from it, the others train
 into runs/<name>/ablations/<study>/<variant>/ with the same budget as the stage they replace.
-Tables go to runs/<name>/ablations/<study>.{json,md}.
+Tables go to runs/<name>/ablations/<study>.{json,md}; figures beside them: samplers.png (margin
+and false-negative rate per sampler) and label_fraction.png (every model's AP per fraction, also
+over seeds, where the supervised-only student catching up with CAST shows).
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -29,7 +32,7 @@ from cast.pipeline.seeds import aggregate_rows, over_seeds, seed_config, seeds_m
 from cast.pipeline.stages import reuse_or_train, stage_spec
 from cast.runs import RunFolder
 from cast.training.objective import Objective
-from cast.training.plots import plot_diagnostics
+from cast.training.plots import plot_diagnostics, plot_label_fractions
 from cast.utils.distributed import DistContext, barrier, init_distributed
 from cast.utils.folder_lock import exclusive_folder
 from cast.utils.io import atomic_write_json, atomic_write_text
@@ -145,17 +148,36 @@ def samplers_study(a: Ablation) -> list[dict[str, Any]]:
     return rows
 
 
+def _fraction_folder(cfg: CastConfig, fraction: float) -> RunFolder:
+    """Where the run at `fraction` lives: the main run at its own fraction, else a sub-run."""
+    if math.isclose(fraction, cfg.data.labeled_fraction):
+        return RunFolder(cfg.run_dir)
+    return RunFolder(RunFolder(cfg.run_dir).ablations / "label_fraction" / f"fraction_{fraction:g}")
+
+
+def fraction_reports(cfg: CastConfig) -> dict[float, list[dict[str, Any]]]:
+    """{fraction: report rows} of the finished runs of ablations.label_fractions."""
+    folders = {f: _fraction_folder(cfg, f) for f in cfg.ablations.label_fractions}
+    return {f: json.loads(folder.report_json.read_text())["rows"] for f, folder in folders.items()
+            if folder.report_json.is_file()}
+
+
+def label_fraction_figure(cfgs: list[CastConfig], path: Path) -> Path:
+    """Every model's AP against the labeled fraction, over the runs of `cfgs` (one per seed)."""
+    return plot_label_fractions([fraction_reports(c) for c in cfgs], path, "every model by labeled fraction")
+
+
 def label_fraction_study(a: Ablation) -> list[dict[str, Any]]:
     cfg, rows = a.cfg, []
     for fraction in cfg.ablations.label_fractions:
         paper = PAPER["label_fraction"].get(fraction)
-        if math.isclose(fraction, cfg.data.labeled_fraction):
+        folder = _fraction_folder(cfg, fraction)
+        if folder.root == a.main.folder.root:
             result, source = _from_main(a, "student_refinement"), "main run"
         else:
             # A whole sub-run; the stand-in teacher's cache does not depend on the fraction.
             sub = copy.deepcopy(cfg)
-            sub.name = f"fraction_{fraction:g}"
-            sub.output_dir = str(a.folder.root)
+            sub.name, sub.output_dir = folder.name, str(folder.root.parent)
             sub.data.labeled_fraction = fraction
             sub.data.split_file = None
             if cfg.shared_dir:  # the seeds of this fraction share its teacher stages
@@ -164,6 +186,8 @@ def label_fraction_study(a: Ablation) -> list[dict[str, Any]]:
             refined = next(r for r in report["rows"] if r["model"] == "student_refinement")
             result, source = {"AP": refined["AP"], "AP50": refined["AP50"]}, f"sub-run {sub.name}"
         rows.append(_row(f"{100 * fraction:g} % labeled", result, paper, source))
+    if a.ctx.is_main:
+        label_fraction_figure([cfg], a.folder.root.parent / "label_fraction.png")
     return rows
 
 
@@ -172,6 +196,8 @@ STUDIES = {"losses": losses_study, "stages": stages_study, "samplers": samplers_
 TITLES = {"losses": "Table 2: loss terms (student after transfer)", "stages": "Table 3: pipeline stages",
           "samplers": "Table 4: negative samplers (student after transfer)",
           "label_fraction": "Table 6: labeled fraction (refined student)"}
+# Figures drawn over the seeds of a study (a study's per-seed figures are drawn by the study itself).
+SEED_FIGURES = {"label_fraction": label_fraction_figure}
 
 
 def _slug(name: str) -> str:
@@ -208,6 +234,9 @@ def run_ablation(cfg: CastConfig, study: str, ctx: DistContext | None = None,
             raise RuntimeError(f"{cfg.run_dir}: every seed failed: {failures}")
         rows = aggregate_rows({s: t["rows"] for s, t in tables.items()}, "variant")
         extra = seeds_summary(seeds, failures, seed_config(cfg, seeds[0], seeds[0]).shared_dir)
+        if study in SEED_FIGURES and ctx.is_main:
+            SEED_FIGURES[study]([seed_config(cfg, s, seeds[0]) for s in tables],
+                                RunFolder(cfg.run_dir).ablations / f"{study}.png")
     else:
         with exclusive_folder(cfg.run_dir, enabled=ctx.is_main, label="run folder"):
             rows = STUDIES[study](Ablation(cfg, study, ctx))

@@ -100,3 +100,25 @@ def plot_report(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylabel("mask AP (val)")
     ax.legend()
     return _save(fig, Path(path))
+
+
+def plot_label_fractions(reports: list[dict[float, list[dict[str, Any]]]], path: str | Path, title: str) -> Path:
+    """Mask AP of every model of the report against the labeled fraction, a line per model: the mean
+    over `reports` (one {fraction: report rows} per seed) with the sample standard deviation as error
+    bars, so one sees where the student passes its teacher and where labels alone catch up."""
+    fractions = sorted({f for report in reports for f in report})
+    names = list(dict.fromkeys(row["name"] for report in reports for f in fractions for row in report.get(f, [])))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for name in names:
+        points = [(100 * f, [row["AP"] for report in reports for row in report.get(f, [])
+                             if row["name"] == name and row["AP"] is not None]) for f in fractions]
+        points = [(x, aps) for x, aps in points if aps]
+        ax.errorbar([x for x, _ in points], [np.mean(aps) for _, aps in points],
+                    yerr=[np.std(aps, ddof=1) if len(aps) > 1 else 0.0 for _, aps in points],
+                    marker="o", capsize=3, linewidth=1, label=name)
+    ax.set(xscale="log", xlabel="labeled images (%)", ylabel="val mask AP", title=title)
+    ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
+    ax.minorticks_off()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _save(fig, Path(path))
