@@ -130,10 +130,16 @@ def test_the_evaluation_notebook_shows_the_table_over_seeds(seeded, tmp_path):
     out = tmp_path / "04_evaluation.ipynb"
     papermill.execute_notebook(str(REPO / "notebooks" / "04_evaluation.ipynb"), str(out), cwd=str(REPO),
                                kernel_name="python3", progress_bar=False,
-                               parameters={"config": str(config), "overrides": [], "seeds": "0,1"})
-    shown = [o for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+                               parameters={"config": str(config), "seeds": "0,1", "ablations": ["label_fraction"],
+                                           "overrides": ["ablations.label_fractions=[0.5, 0.25]"]})
+    cells = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"]
+    shown = [o for c in cells for o in c.outputs]
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in shown)
     assert "AP per seed" in markdown and "(mean over seeds 0, 1)" in markdown
+    study = next(c for c in cells if "run_ablation(" in c.source and "for study" in c.source)
+    kinds = [kind for o in study.outputs for kind in o.get("data", {})]
+    assert "text/markdown" in kinds and "image/png" in kinds  # the study's table over the seeds, and its figure
+    assert "| 50 % labeled |" in markdown and "mean ± std over seeds 0, 1" in markdown
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in shown)  # browse drew
 
 
