@@ -101,6 +101,8 @@ def test_an_ablation_over_seeds_aggregates_its_table(seeded):
         assert row["AP_seeds"] == {"0": values[0], "1": values[1]}
         assert row["AP"] == pytest.approx(statistics.fmean(values), abs=0.006)
     assert "mean ± std over seeds 0, 1" in (run_dir / "ablations" / "samplers.md").read_text()
+    for folder in (run_dir, run_dir / "seed_0"):  # the diagnostics per sampler: mean over the seeds, and each seed's
+        assert (folder / "ablations" / "samplers.png").read_bytes()[:4] == b"\x89PNG"
 
 
 

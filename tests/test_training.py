@@ -314,7 +314,8 @@ def test_diagnostics_of_several_stages_share_one_figure(tmp_path):
                              "pxl_false_negative_rate_unlabeled": 0.5 - margin}) for s in (1, 2, 3)]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     metrics = {name: tmp_path / f"{name}.jsonl" for name in ("uniform", "fusion")}
-    assert plot_diagnostics(metrics, tmp_path / "samplers.png", "t").read_bytes()[:4] == b"\x89PNG"
+    assert plot_diagnostics({n: [p] for n, p in metrics.items()}, tmp_path / "samplers.png", "t").read_bytes()[:4] \
+        == b"\x89PNG"
     margin, fnr = _diagnostics_figure({n: read_metrics(p) for n, p in metrics.items()}, "t").axes
     assert [line.get_label() for line in margin.lines] == ["uniform labeled", "uniform unlabeled",
                                                           "fusion labeled", "fusion unlabeled"]
@@ -323,4 +324,16 @@ def test_diagnostics_of_several_stages_share_one_figure(tmp_path):
     smoothed = _diagnostics_figure({"fusion": read_metrics(metrics["fusion"])}, "t", window=2).axes[0].lines[0]
     assert list(smoothed.get_xdata()) == [2, 3] and list(smoothed.get_ydata()) == pytest.approx([0.45, 0.75])
     (tmp_path / "none.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-    assert plot_diagnostics({"sup": tmp_path / "none.jsonl"}, tmp_path / "none.png", "t") is None
+    assert plot_diagnostics({"sup": [tmp_path / "none.jsonl"]}, tmp_path / "none.png", "t") is None
+
+
+def test_the_seeds_of_a_stage_are_averaged_step_by_step():
+    from cast.training.plots import mean_records
+
+    seeds = [[{"step": 1, "pxl_margin_unlabeled": 0.2, "loss": 3.0}, {"step": 2, "pxl_margin_unlabeled": 0.4}],
+             [{"step": 1, "pxl_margin_unlabeled": 0.6, "loss": None}, {"step": 2, "pxl_margin_unlabeled": 0.8},
+              {"step": 3, "pxl_margin_unlabeled": 1.0}, {"event": "no step"}]]
+    assert mean_records(seeds) == [{"step": 1, "pxl_margin_unlabeled": pytest.approx(0.4), "loss": 3.0},
+                                   {"step": 2, "pxl_margin_unlabeled": pytest.approx(0.6)},
+                                   {"step": 3, "pxl_margin_unlabeled": 1.0}]
+    assert mean_records([seeds[0]]) == seeds[0]  # one seed: its own records

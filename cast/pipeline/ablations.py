@@ -129,23 +129,33 @@ def stages_study(a: Ablation) -> list[dict[str, Any]]:
 def samplers_study(a: Ablation) -> list[dict[str, Any]]:
     cfg, data = a.cfg, a.main.data
     pseudo = a.pseudo("teacher_self_training")
-    rows, metrics = [], {}
+    rows = []
     for sampler in cfg.ablations.samplers:
         paper = PAPER["samplers"][sampler]
         if sampler == cfg.losses.sampler:
             rows.append(_row(sampler, _from_main(a, "knowledge_transfer"), paper, "main run"))
-            metrics[sampler] = a.main.stage_dir("knowledge_transfer") / "metrics.jsonl"
             continue
         variant_cfg = copy.deepcopy(cfg)
         variant_cfg.losses.sampler = sampler
         obj = Objective(cfg.losses.lambda_semi, cfg.losses.lambda_pxl)
         model = a.variant(sampler, "knowledge_transfer", a.student, obj, data.labeled, pseudo, cfg=variant_cfg)
         rows.append(_row(sampler, a.evaluate(sampler, model), paper, "trained"))
-        metrics[sampler] = a.folder.metrics(sampler)
-    if a.ctx.is_main:  # the paper's diagnostics, one curve per sampler
-        plot_diagnostics(metrics, a.folder.root.parent / "samplers.png",
-                         "knowledge transfer: contrastive diagnostics per negative sampler")
     return rows
+
+
+def _sampler_metrics(cfg: CastConfig, sampler: str) -> Path:
+    """The metrics of the transfer stage under `sampler`: the main run's for its own sampler."""
+    run = RunFolder(cfg.run_dir)
+    if sampler == cfg.losses.sampler:
+        return run.metrics("knowledge_transfer")
+    return RunFolder(run.ablations / "samplers").metrics(sampler)
+
+
+def samplers_figure(cfgs: list[CastConfig], path: Path) -> Path | None:
+    """The paper's diagnostics (margin, false-negative rate), a curve per sampler, mean over `cfgs`."""
+    metrics = {s: [_sampler_metrics(c, s) for c in cfgs] for s in cfgs[0].ablations.samplers}
+    over = f", mean over {len(cfgs)} seeds" if len(cfgs) > 1 else ""
+    return plot_diagnostics(metrics, path, f"knowledge transfer: contrastive diagnostics per negative sampler{over}")
 
 
 def _fraction_folder(cfg: CastConfig, fraction: float) -> RunFolder:
@@ -164,7 +174,8 @@ def fraction_reports(cfg: CastConfig) -> dict[float, list[dict[str, Any]]]:
 
 def label_fraction_figure(cfgs: list[CastConfig], path: Path) -> Path:
     """Every model's AP against the labeled fraction, over the runs of `cfgs` (one per seed)."""
-    return plot_label_fractions([fraction_reports(c) for c in cfgs], path, "every model by labeled fraction")
+    over = f", mean ± std over {len(cfgs)} seeds" if len(cfgs) > 1 else ""
+    return plot_label_fractions([fraction_reports(c) for c in cfgs], path, f"every model by labeled fraction{over}")
 
 
 def label_fraction_study(a: Ablation) -> list[dict[str, Any]]:
@@ -186,8 +197,6 @@ def label_fraction_study(a: Ablation) -> list[dict[str, Any]]:
             refined = next(r for r in report["rows"] if r["model"] == "student_refinement")
             result, source = {"AP": refined["AP"], "AP50": refined["AP50"]}, f"sub-run {sub.name}"
         rows.append(_row(f"{100 * fraction:g} % labeled", result, paper, source))
-    if a.ctx.is_main:
-        label_fraction_figure([cfg], a.folder.root.parent / "label_fraction.png")
     return rows
 
 
@@ -196,8 +205,8 @@ STUDIES = {"losses": losses_study, "stages": stages_study, "samplers": samplers_
 TITLES = {"losses": "Table 2: loss terms (student after transfer)", "stages": "Table 3: pipeline stages",
           "samplers": "Table 4: negative samplers (student after transfer)",
           "label_fraction": "Table 6: labeled fraction (refined student)"}
-# Figures drawn over the seeds of a study (a study's per-seed figures are drawn by the study itself).
-SEED_FIGURES = {"label_fraction": label_fraction_figure}
+# The figures of a study, from its finished runs: one seed's, or the mean over the seeds of --seeds.
+FIGURES = {"samplers": samplers_figure, "label_fraction": label_fraction_figure}
 
 
 def _slug(name: str) -> str:
@@ -234,12 +243,13 @@ def run_ablation(cfg: CastConfig, study: str, ctx: DistContext | None = None,
             raise RuntimeError(f"{cfg.run_dir}: every seed failed: {failures}")
         rows = aggregate_rows({s: t["rows"] for s, t in tables.items()}, "variant")
         extra = seeds_summary(seeds, failures, seed_config(cfg, seeds[0], seeds[0]).shared_dir)
-        if study in SEED_FIGURES and ctx.is_main:
-            SEED_FIGURES[study]([seed_config(cfg, s, seeds[0]) for s in tables],
-                                RunFolder(cfg.run_dir).ablations / f"{study}.png")
+        runs = [seed_config(cfg, s, seeds[0]) for s in tables]
     else:
         with exclusive_folder(cfg.run_dir, enabled=ctx.is_main, label="run folder"):
             rows = STUDIES[study](Ablation(cfg, study, ctx))
+        runs = [cfg]
+    if study in FIGURES and ctx.is_main:
+        FIGURES[study](runs, RunFolder(cfg.run_dir).ablations / f"{study}.png")
     markdown = render_markdown(study, rows, cfg, extra)
     table = {"study": study, "title": TITLES[study], "rows": rows, **extra, "markdown": markdown}
     if ctx.is_main:

@@ -79,11 +79,30 @@ def _diagnostics_figure(runs: dict[str, list[dict[str, Any]]], title: str, windo
     return fig
 
 
-def plot_diagnostics(metrics: dict[str, str | Path], path: str | Path, title: str, window: int = 20) -> Path | None:
-    """The contrastive diagnostics of several stages (name -> metrics.jsonl) on shared axes, e.g. the
-    transfer stage under each negative sampler, as running means over `window` steps so that the
-    runs can be told apart; None when none of them logged any."""
-    fig = _diagnostics_figure({name: read_metrics(m) for name, m in metrics.items()}, title, window)
+def mean_records(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The metrics records of several runs of one stage (e.g. its seeds) averaged step by step, each
+    key over the runs that logged it at that step."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for records in runs:
+        for r in records:
+            if r.get("step") is not None:
+                by_step.setdefault(r["step"], []).append(r)
+    merged = []
+    for step, records in sorted(by_step.items()):
+        keys = dict.fromkeys(k for r in records for k in r if k != "step")
+        values = {k: [r[k] for r in records if isinstance(r.get(k), (int, float)) and not isinstance(r[k], bool)]
+                  for k in keys}
+        merged.append({"step": step, **{k: float(np.mean(v)) if v else None for k, v in values.items()}})
+    return merged
+
+
+def plot_diagnostics(metrics: dict[str, list[str | Path]], path: str | Path, title: str,
+                     window: int = 20) -> Path | None:
+    """The contrastive diagnostics of several stages (name -> the metrics.jsonl of its seeds, averaged)
+    on shared axes, e.g. the transfer stage under each negative sampler, as running means over
+    `window` steps so that the runs can be told apart; None when none of them logged any."""
+    runs = {name: mean_records([read_metrics(m) for m in paths]) for name, paths in metrics.items()}
+    fig = _diagnostics_figure(runs, title, window)
     return None if fig is None else _save(fig, Path(path))
 
 
