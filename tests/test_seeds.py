@@ -150,10 +150,12 @@ def test_seed_lists_and_aggregation():
     for bad in ("", "1,1", "-1", "a"):
         with pytest.raises(ValueError):
             parse_seeds(bad)
-    rows = aggregate_rows({0: [{"model": "m", "AP": 10.0, "AP50": 20.0, "params_m": 1.0}],
-                           1: [{"model": "m", "AP": 14.0, "AP50": 30.0, "params_m": 1.0}]}, "model")
-    assert rows == [{"model": "m", "AP": 12.0, "AP_std": 2.83, "AP_seeds": {"0": 10.0, "1": 14.0}, "AP50": 25.0,
-                     "AP50_std": 7.07, "AP50_seeds": {"0": 20.0, "1": 30.0}, "params_m": 1.0}]
+    one = {"model": "m", "params_m": 1.0}
+    rows = aggregate_rows({0: [{**one, "AP": 10.0, "AP50": 20.0, "pxl_false_negative_rate": 0.0044}],
+                           1: [{**one, "AP": 14.0, "AP50": 30.0, "pxl_false_negative_rate": 0.0064}]}, "model")
+    assert rows == [{"model": "m", "params_m": 1.0, "AP": 12.0, "AP_std": 2.83, "AP_seeds": {"0": 10.0, "1": 14.0},
+                     "AP50": 25.0, "AP50_std": 7.07, "AP50_seeds": {"0": 20.0, "1": 30.0},
+                     "pxl_false_negative_rate": 0.0054}]  # the diagnostics keep their own precision
     assert STAGES[:2] == ("teacher_adaptation", "teacher_self_training")
 
 

@@ -58,6 +58,13 @@ def over_seeds(cfg: CastConfig, seeds: Sequence[int], run_one: Callable[[CastCon
     return results, failures
 
 
+def _mean_digits(field: str) -> int | None:
+    """The decimals kept by the mean over seeds of a row's `field`; None: the first seed's value is kept."""
+    if field.startswith("pxl_"):
+        return 4  # the diagnostics: a false-negative rate near 0.005 would read 0.0 at two decimals
+    return 2 if field in AGGREGATED or field in ("wall_s", "latency_ms") else None
+
+
 def aggregate_rows(rows_by_seed: dict[int, list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:
     """One row per `key` value (the order of the first seed's rows): AP and AP50 as the mean over
     seeds with `AP_std` (sample standard deviation; 0 for one seed) and `AP_seeds` ({seed: AP}),
@@ -70,9 +77,10 @@ def aggregate_rows(rows_by_seed: dict[int, list[dict[str, Any]]], key: str) -> l
         merged = dict(first)
         for field, value in first.items():
             values = [r.get(field) for r in rows.values()]
-            if field in AGGREGATED or field.startswith("pxl_") or field in ("wall_s", "latency_ms"):
+            digits = _mean_digits(field)
+            if digits is not None:
                 numbers = [v for v in values if isinstance(v, (int, float))]
-                merged[field] = round(statistics.fmean(numbers), 2) if numbers else None
+                merged[field] = round(statistics.fmean(numbers), digits) if numbers else None
             if field in AGGREGATED:
                 numbers = [v for v in values if isinstance(v, (int, float))]
                 merged[f"{field}_std"] = round(statistics.stdev(numbers), 2) if len(numbers) > 1 else 0.0
