@@ -119,6 +119,7 @@ def test_the_label_fraction_study_over_seeds_shares_each_fractions_teacher_and_d
     table = json.loads((run_dir / "ablations" / "label_fraction.json").read_text())
     assert [r["variant"] for r in table["rows"]] == ["50 % labeled", "25 % labeled"] and table["seeds"] == [0, 1]
     assert (run_dir / "ablations" / "label_fraction.png").read_bytes()[:4] == b"\x89PNG"
+    assert table["figure"] == str(run_dir / "ablations" / "label_fraction.png")
 
 
 @pytest.mark.slow

@@ -231,8 +231,8 @@ def render_markdown(study: str, rows: list[dict[str, Any]], cfg: CastConfig, sum
 def run_ablation(cfg: CastConfig, study: str, ctx: DistContext | None = None,
                  seeds: list[int] | None = None) -> dict[str, Any]:
     """Run one study (over `seeds`: each seed's in its folder, the table aggregated over them);
-    writes ablations/<study>.json and .md and returns {"rows", "markdown"}. `ctx` None: this
-    process on cfg.device."""
+    writes ablations/<study>.json and .md (and the study's figure, whose path is "figure", None when
+    it has none) and returns them with "markdown". `ctx` None: this process on cfg.device."""
     ctx = ctx or init_distributed(cfg.device)
     if study not in STUDIES:
         raise ValueError(f"unknown ablation study {study!r}; expected one of {', '.join(STUDIES)}")
@@ -248,12 +248,12 @@ def run_ablation(cfg: CastConfig, study: str, ctx: DistContext | None = None,
         with exclusive_folder(cfg.run_dir, enabled=ctx.is_main, label="run folder"):
             rows = STUDIES[study](Ablation(cfg, study, ctx))
         runs = [cfg]
-    if study in FIGURES and ctx.is_main:
-        FIGURES[study](runs, RunFolder(cfg.run_dir).ablations / f"{study}.png")
+    root = RunFolder(cfg.run_dir).ablations
+    figure = FIGURES[study](runs, root / f"{study}.png") if study in FIGURES and ctx.is_main else None
     markdown = render_markdown(study, rows, cfg, extra)
-    table = {"study": study, "title": TITLES[study], "rows": rows, **extra, "markdown": markdown}
+    table = {"study": study, "title": TITLES[study], "rows": rows, **extra,
+             "figure": None if figure is None else str(figure), "markdown": markdown}
     if ctx.is_main:
-        root = RunFolder(cfg.run_dir).ablations
         atomic_write_json(root / f"{study}.json", {k: v for k, v in table.items() if k != "markdown"}, indent=2)
         atomic_write_text(root / f"{study}.md", markdown)
     barrier()
