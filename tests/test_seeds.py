@@ -10,6 +10,7 @@ import yaml
 
 from cast.cli import main
 from cast.pipeline import runner
+from cast.pipeline.report import spread
 from cast.pipeline.seeds import aggregate_rows, parse_seeds, seeds_summary
 from cast.runs import STAGES, RunFolder
 from test_pipeline import write_config
@@ -154,9 +155,12 @@ def test_seed_lists_and_aggregation():
     one = {"model": "m", "params_m": 1.0}
     rows = aggregate_rows({0: [{**one, "AP": 10.0, "AP50": 20.0, "pxl_false_negative_rate": 0.0044}],
                            1: [{**one, "AP": 14.0, "AP50": 30.0, "pxl_false_negative_rate": 0.0064}]}, "model")
-    assert rows == [{"model": "m", "params_m": 1.0, "AP": 12.0, "AP_std": 2.83, "AP_seeds": {"0": 10.0, "1": 14.0},
-                     "AP50": 25.0, "AP50_std": 7.07, "AP50_seeds": {"0": 20.0, "1": 30.0},
+    assert rows == [{"model": "m", "params_m": 1.0, "AP": 12.0, "AP_std": 2.828, "AP_seeds": {"0": 10.0, "1": 14.0},
+                     "AP50": 25.0, "AP50_std": 7.071, "AP50_seeds": {"0": 20.0, "1": 30.0},
                      "pxl_false_negative_rate": 0.0054}]  # the diagnostics keep their own precision
+    # Rounded once: the deviation of 10.0 and 12.76 is 1.9516, which reads 1.9 if stored as 1.95.
+    close = aggregate_rows({0: [{**one, "AP": 10.0}], 1: [{**one, "AP": 12.76}]}, "model")[0]
+    assert spread(close, "AP") == "11.4 ± 2.0"
     assert STAGES[:2] == ("teacher_adaptation", "teacher_self_training")
 
 

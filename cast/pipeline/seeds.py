@@ -21,6 +21,9 @@ from cast.config import CastConfig
 from cast.utils.distributed import DistContext
 
 AGGREGATED = ("AP", "AP50")  # each gets <key>_std and <key>_seeds beside its mean
+# Means and deviations keep a decimal more than the per-seed rows, so that the one-decimal tables
+# do not round twice (a deviation of 1.953 stored as 1.95 would read 1.9).
+STAT_DIGITS = 3
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -62,7 +65,9 @@ def _mean_digits(field: str) -> int | None:
     """The decimals kept by the mean over seeds of a row's `field`; None: the first seed's value is kept."""
     if field.startswith("pxl_"):
         return 4  # the diagnostics: a false-negative rate near 0.005 would read 0.0 at two decimals
-    return 2 if field in AGGREGATED or field in ("wall_s", "latency_ms") else None
+    if field in AGGREGATED:
+        return STAT_DIGITS
+    return 2 if field in ("wall_s", "latency_ms") else None
 
 
 def aggregate_rows(rows_by_seed: dict[int, list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:
@@ -83,7 +88,7 @@ def aggregate_rows(rows_by_seed: dict[int, list[dict[str, Any]]], key: str) -> l
                 merged[field] = round(statistics.fmean(numbers), digits) if numbers else None
             if field in AGGREGATED:
                 numbers = [v for v in values if isinstance(v, (int, float))]
-                merged[f"{field}_std"] = round(statistics.stdev(numbers), 2) if len(numbers) > 1 else 0.0
+                merged[f"{field}_std"] = round(statistics.stdev(numbers), STAT_DIGITS) if len(numbers) > 1 else 0.0
                 merged[f"{field}_seeds"] = {str(s): r.get(field) for s, r in rows.items()}
         out.append(merged)
     return out
