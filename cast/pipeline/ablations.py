@@ -47,6 +47,11 @@ PAPER = {
 }
 
 
+def study_folder(cfg: CastConfig, study: str) -> RunFolder:
+    """Where the variants of `study` on the run of `cfg` live: runs/<name>/ablations/<study>/."""
+    return RunFolder(RunFolder(cfg.run_dir).ablations / study)
+
+
 class Ablation:
     """Trains and evaluates the variants of one study next to a completed main run."""
 
@@ -54,7 +59,7 @@ class Ablation:
         self.cfg, self.study, self.ctx = cfg, study, ctx
         self.main = Pipeline(cfg, ctx)
         self.main_report = self.main.run()
-        self.folder = RunFolder(self.main.folder.ablations / study)
+        self.folder = study_folder(cfg, study)
         self.evaluator = Evaluator(cfg, self.main.data.val, self.folder.root / "predictions", ctx)
 
     def main_row(self, model_key: str) -> dict[str, Any]:
@@ -145,10 +150,9 @@ def samplers_study(a: Ablation) -> list[dict[str, Any]]:
 
 def _sampler_metrics(cfg: CastConfig, sampler: str) -> Path:
     """The metrics of the transfer stage under `sampler`: the main run's for its own sampler."""
-    run = RunFolder(cfg.run_dir)
     if sampler == cfg.losses.sampler:
-        return run.metrics("knowledge_transfer")
-    return RunFolder(run.ablations / "samplers").metrics(sampler)
+        return RunFolder(cfg.run_dir).metrics("knowledge_transfer")
+    return study_folder(cfg, "samplers").metrics(sampler)
 
 
 def samplers_figure(cfgs: list[CastConfig], path: Path) -> Path | None:
@@ -162,7 +166,7 @@ def _fraction_folder(cfg: CastConfig, fraction: float) -> RunFolder:
     """Where the run at `fraction` lives: the main run at its own fraction, else a sub-run."""
     if math.isclose(fraction, cfg.data.labeled_fraction):
         return RunFolder(cfg.run_dir)
-    return RunFolder(RunFolder(cfg.run_dir).ablations / "label_fraction" / f"fraction_{fraction:g}")
+    return RunFolder(study_folder(cfg, "label_fraction").root / f"fraction_{fraction:g}")
 
 
 def fraction_reports(cfg: CastConfig) -> dict[float, list[dict[str, Any]]]:
