@@ -17,7 +17,7 @@ from cast.pipeline.report import render_markdown
 from cast.pipeline.runner import Pipeline, run
 from cast.pipeline.teachers import pretrain_teacher, standin_dir
 from cast.runs import STAGES, RunFolder
-from cast.utils.machine import describe_machine, machine_info
+from cast.utils.machine import KERNEL_ISA_VARIABLES, describe_machine, machine_info
 
 ROWS = {"teacher_zero_shot", "teacher_adaptation", "teacher_self_training", "student_supervised",
         "knowledge_transfer", "student_refinement"}
@@ -118,6 +118,19 @@ def test_report_names_each_machine_its_stage_walls_were_measured_on(tmp_path):
     assert (f"- Stage walls measured on: {describe_machine(fast)} (teacher_adaptation); "
             f"{describe_machine(slow)} (knowledge_transfer, student_refinement).") in md
     assert f"- This invocation: 3 s on {describe_machine(slow)} (complete stages are loaded" in md
+
+
+def test_a_forced_kernel_instruction_set_is_recorded(monkeypatch):
+    # AVX2 kernels forced on an AVX512 CPU train an AVX2 host's weights: the record must say so
+    for name in KERNEL_ISA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert "kernel_isa_forced" not in machine_info() and "forced" not in describe_machine(machine_info())
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    info = machine_info()
+    assert info["kernel_isa_forced"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert f"CPUs ({info['cpu_capability']}; forced: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)" \
+        in describe_machine(info)
 
 
 @pytest.mark.slow
