@@ -73,8 +73,9 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
 def describe_machine(info: dict[str, Any]) -> str:
     """One line, e.g. 'AMD EPYC, 2 CPUs (AVX2), 2 torch threads, torch 2.13.0+cpu'; a forced kernel
     choice reads e.g. '2 CPUs (AVX2; forced: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)'."""
-    forced = " ".join(f"{k}={v}" for k, v in info.get("kernel_isa_forced", {}).items())
-    isa = f"{info.get('cpu_capability', '?')}; forced: {forced}" if forced else info.get("cpu_capability", "?")
+    isa = info.get("cpu_capability", "?")
+    if info.get("kernel_isa_forced"):
+        isa += "; forced: " + " ".join(f"{k}={v}" for k, v in info["kernel_isa_forced"].items())
     cpu = (f"{info.get('cpu_model', '?')}, {info.get('usable_cpus', '?')} CPUs ({isa}), "
            f"{info.get('torch_threads', '?')} torch threads")
     gpu = info.get("gpu")
