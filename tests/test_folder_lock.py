@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def hold_in_child(folder: Path, seconds: float) -> subprocess.Popen:
-    """A second process that holds `folder` for `seconds`; returns once it holds it."""
+    """A second process that holds `folder` for `seconds`; returns once it holds it. Its next line
+    of output is the time.time() at which it lets go."""
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
@@ -25,6 +26,7 @@ def hold_in_child(folder: Path, seconds: float) -> subprocess.Popen:
         with exclusive_folder({str(folder)!r}):
             print("held", flush=True)
             time.sleep({seconds})
+            print(time.time(), flush=True)
     """)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
@@ -88,6 +90,25 @@ def test_entering_sweeps_temporaries_of_killed_writes_and_nothing_else(tmp_path)
         assert not stale_file.exists() and not stale_dir.exists() and not rust_tmp.exists()
         assert all(path.read_text() == "mine" for path in keep)
     assert remove_stale_temporaries(tmp_path) == []
+
+
+def test_the_sweep_leaves_a_folder_with_its_own_lock_to_its_holder(tmp_path):
+    """runs/<name>/ is the shared teacher folder of its seeds' runs in runs/<name>/seed_<k>/: a seed
+    entering it must not delete what another seed's process is writing in its own run folder now."""
+    seed_run = tmp_path / "seed_1"
+    child = hold_in_child(seed_run, 60)
+    try:
+        in_flight = seed_run / "stages" / "knowledge_transfer" / ".model.9uevy9a2"
+        in_flight.mkdir(parents=True)
+        stale = tmp_path / "stages" / "teacher_adaptation" / ".model.a1b2c3d4"
+        stale.mkdir(parents=True)
+        with exclusive_folder(tmp_path, wait=True):
+            assert in_flight.is_dir() and not stale.exists()
+    finally:
+        child.kill()
+        child.wait()
+    with exclusive_folder(seed_run):  # its own next holder sweeps it
+        assert not in_flight.exists()
 
 
 def test_unwritable_folder_is_named(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -145,6 +146,25 @@ def test_the_evaluation_notebook_shows_the_table_over_seeds(seeded, tmp_path):
     assert "text/markdown" in kinds and "image/png" in kinds  # the study's table over the seeds, and its figure
     assert "| 50 % labeled |" in markdown and "mean ± std over seeds 0, 1" in markdown
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in shown)  # browse drew
+
+
+def test_a_seed_run_in_a_process_of_its_own_waits_for_the_shared_teacher(tmp_path):
+    """Seeds run as separate processes (one per core or GPU) share one teacher folder: while another
+    process holds it (training the teacher), a seed's run must wait for it (and then reuse what it
+    made, as a later run does) rather than train the teacher stages beside it."""
+    from cast.config import load_config
+    from cast.pipeline.seeds import seed_config
+    from cast.pipeline.teachers import pretrain_teacher
+    from test_folder_lock import hold_in_child
+
+    cfg = seed_config(load_config(write_config(tmp_path)), 1, 0)
+    pretrain_teacher(cfg)  # cached: what is left before 1a takes this process well under the hold
+    holder = hold_in_child(Path(cfg.shared_dir), 8)
+    runner.Pipeline(cfg).run(stop_after="teacher_adaptation")
+    released = float(holder.stdout.readline())
+    holder.wait()
+    written = [p.stat().st_mtime for p in (tmp_path / "runs" / "tiny" / "stages" / "teacher_adaptation").rglob("*")]
+    assert written and min(written) >= released
 
 
 def test_seed_lists_and_aggregation():

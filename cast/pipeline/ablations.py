@@ -80,10 +80,11 @@ class Ablation:
         return new_student(self.cfg, self.main.data)
 
     def pseudo(self, teacher_name: str) -> Any:
-        """Pseudo-labels of the main run (computed there when needed)."""
-        if teacher_name == "teacher_zero_shot":
-            return self.main.pseudo_labels(teacher_name, self.main.teachers.zero_shot())
-        return self.main.pseudo_labels(teacher_name, load_model(self.main.stage_dir(teacher_name) / "model"))
+        """Pseudo-labels of the main run (computed in its shared folder when needed)."""
+        with self.main.holding_shared():
+            if teacher_name == "teacher_zero_shot":
+                return self.main.pseudo_labels(teacher_name, self.main.teachers.zero_shot())
+            return self.main.pseudo_labels(teacher_name, load_model(self.main.stage_dir(teacher_name) / "model"))
 
 
 def _row(name: str, result: dict[str, Any], paper: Any, source: str) -> dict[str, Any]:
@@ -253,12 +254,14 @@ def run_ablation(cfg: CastConfig, study: str, ctx: DistContext | None = None,
             rows = STUDIES[study](Ablation(cfg, study, ctx))
         runs = [cfg]
     root = RunFolder(cfg.run_dir).ablations
-    figure = FIGURES[study](runs, root / f"{study}.png") if study in FIGURES and ctx.is_main else None
     markdown = render_markdown(study, rows, cfg, extra)
-    table = {"study": study, "title": TITLES[study], "rows": rows, **extra,
-             "figure": None if figure is None else str(figure), "markdown": markdown}
+    table = {"study": study, "title": TITLES[study], "rows": rows, **extra, "figure": None, "markdown": markdown}
     if ctx.is_main:
-        atomic_write_json(root / f"{study}.json", {k: v for k, v in table.items() if k != "markdown"}, indent=2)
-        atomic_write_text(root / f"{study}.md", markdown)
+        # Over seeds, runs/<name>/ is also their shared folder by default: wait for whoever writes it.
+        with exclusive_folder(cfg.run_dir, label="run folder", wait=True):
+            figure = FIGURES[study](runs, root / f"{study}.png") if study in FIGURES else None
+            table["figure"] = None if figure is None else str(figure)
+            atomic_write_json(root / f"{study}.json", {k: v for k, v in table.items() if k != "markdown"}, indent=2)
+            atomic_write_text(root / f"{study}.md", markdown)
     barrier()
     return table

@@ -8,10 +8,11 @@ rank 0 writes the files.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -127,29 +128,24 @@ class Pipeline:
         with exclusive_folder(self.folder.root, enabled=self.ctx.is_main, label="run folder"):
             return self._run(stop_after)
 
+    @contextlib.contextmanager
+    def holding_shared(self) -> Iterator[None]:
+        """Hold the shared folder (the teacher stages, their pseudo-labels and evaluations) while this
+        run makes or reads them: seeds run as processes of their own wait for the one that trains the
+        teacher, then reuse it, instead of training it beside it."""
+        with exclusive_folder(self.shared.root, enabled=self.ctx.is_main, label="shared teacher folder", wait=True):
+            barrier()  # the other ranks decide what to train only once rank 0 holds the folder
+            yield
+
     def _run(self, stop_after: str | None) -> dict[str, Any]:
         start, machine = time.perf_counter(), machine_info(self.ctx.device)
         self.prepare()
-        cfg, folder, rows = self.cfg, self.folder, []
-        teacher0 = self.teachers.zero_shot()
-        rows.append(self.evaluate("teacher_zero_shot", teacher0, self.teachers.pretrain_dir))
-        del teacher0
-
-        # 1a: adapt theta_T^0 on D_l.
-        t1a = self.stage("teacher_adaptation", self.teachers.zero_shot)
-        rows.append(self.evaluate("teacher_adaptation", t1a, self.stage_dir("teacher_adaptation")))
-        if stop_after == "teacher_adaptation":
+        cfg, folder = self.cfg, self.folder
+        with self.holding_shared():
+            rows, pseudo_1b = self._teacher_stages(stop_after)
+        if pseudo_1b is None:
             return {"rows": rows}
-        # 1b: pseudo-label D_u with theta_T', restart from theta_T^0, train on D_l + pseudo D_u.
-        pseudo_1a = self.pseudo_labels("teacher_adaptation", t1a)
-        del t1a
-        t1b = self.stage("teacher_self_training", self.teachers.zero_shot, pseudo_1a)
-        rows.append(self.evaluate("teacher_self_training", t1b, self.stage_dir("teacher_self_training")))
-        if stop_after == "teacher_self_training":
-            return {"rows": rows}
-        # 2: the frozen adapted teacher pseudo-labels D_u for the student.
-        pseudo_1b = self.pseudo_labels("teacher_self_training", t1b)
-        del t1b
+        # 2: distil into the student on D_l + D_u pseudo-labeled by the frozen adapted teacher.
         s2 = self.stage("knowledge_transfer", lambda: new_student(cfg, self.data), pseudo_1b)
         rows.append(self.evaluate("knowledge_transfer", s2, folder.stage("knowledge_transfer")))
         if stop_after == "knowledge_transfer":
@@ -176,6 +172,28 @@ class Pipeline:
         barrier()
         return report
 
+    def _teacher_stages(self, stop_after: str | None) -> tuple[list[dict], PseudoLabeledImages | None]:
+        """The teacher's rows, and D_u pseudo-labeled by the adapted teacher (None: stopped before)."""
+        rows = []
+        teacher0 = self.teachers.zero_shot()
+        rows.append(self.evaluate("teacher_zero_shot", teacher0, self.teachers.pretrain_dir))
+        del teacher0
+
+        # 1a: adapt theta_T^0 on D_l.
+        t1a = self.stage("teacher_adaptation", self.teachers.zero_shot)
+        rows.append(self.evaluate("teacher_adaptation", t1a, self.stage_dir("teacher_adaptation")))
+        if stop_after == "teacher_adaptation":
+            return rows, None
+        # 1b: pseudo-label D_u with theta_T', restart from theta_T^0, train on D_l + pseudo D_u.
+        pseudo_1a = self.pseudo_labels("teacher_adaptation", t1a)
+        del t1a
+        t1b = self.stage("teacher_self_training", self.teachers.zero_shot, pseudo_1a)
+        rows.append(self.evaluate("teacher_self_training", t1b, self.stage_dir("teacher_self_training")))
+        if stop_after == "teacher_self_training":
+            return rows, None
+        # 2 reads D_u as the frozen adapted teacher labels it.
+        return rows, self.pseudo_labels("teacher_self_training", t1b)
+
 
 def run(cfg: CastConfig, ctx: DistContext | None = None, seeds: list[int] | None = None) -> dict[str, Any]:
     """`python -m cast run [--seeds ...]`: the report (with seeds, aggregated over them and
@@ -200,7 +218,9 @@ def run(cfg: CastConfig, ctx: DistContext | None = None, seeds: list[int] | None
                           "total_wall_s": sum(r["total_wall_s"] for r in reports.values())})
     folder = RunFolder(cfg.run_dir)
     if ctx.is_main:
-        write_report(report, folder.report_json, folder.report_md)
-        plot_report(report["rows"], folder.plots / "ap.png")
+        # runs/<name>/ is also the seeds' shared folder by default: wait for whoever writes it.
+        with exclusive_folder(folder.root, label="run folder", wait=True):
+            write_report(report, folder.report_json, folder.report_md)
+            plot_report(report["rows"], folder.plots / "ap.png")
     barrier()
     return report

@@ -1,5 +1,6 @@
-"""One writer per folder: a run folder (or the stand-in teacher's cache) is refused while another
-process writes it, and what killed writers left behind is swept when the next one enters.
+"""One writer per folder: a run folder is refused while another process writes it, the folders runs
+share (the stand-in teacher's cache, a teacher shared by seeds) are waited for, and what killed
+writers left behind is swept when the next one enters.
 
 A process killed inside an atomic write (SIGKILL, OOM killer, power loss) cannot remove its
 temporary: the hidden ".<name>.<8 random chars>.tmp" file or ".<name>.<8 random chars>" folder that
@@ -30,9 +31,12 @@ class FolderInUseError(OSError):
 
 def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
     """Delete the temporaries of interrupted atomic writes below `root`; the paths removed.
-    Only call while holding `root` (see `exclusive_folder`)."""
+    Only call while holding `root` (see `exclusive_folder`). A folder below it with a lock of its own
+    (a seed's run inside the run whose teacher it shares) is left to its own holder, who may be
+    writing it now."""
     removed = []
     for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d / LOCK_NAME).exists()]
         for name in [d for d in dirnames if _TEMP_DIR.match(d)]:
             shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
             dirnames.remove(name)
