@@ -5,8 +5,10 @@ Seed k runs into runs/<name>/seed_<k>/ with `seed=k`. What the seeds share (the 
 the stand-in teacher and the teacher stages with their pseudo-labels and evaluations) is made
 once, under the first seed, in runs/<name>/ itself (`teacher_seed`, `shared_dir`): where a run
 without seeds puts them, so `--seeds 0,1,2` after a plain run (or `make demo`) of seed 0 reuses
-its teacher. A seed that fails is recorded and the others still run; the aggregated report says
-which failed.
+its teacher. Seeds may also run as processes of their own (`--seeds 1` beside `--seeds 2`, one per
+core or GPU): they wait for whichever is making the shared teacher, then reuse it; `--seeds 1,2`
+afterwards aggregates them. A seed that fails is recorded and the others still run; the aggregated
+report says which failed.
 """
 from __future__ import annotations
 
