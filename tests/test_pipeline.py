@@ -115,6 +115,8 @@ def test_report_names_each_machine_its_stage_walls_were_measured_on(tmp_path):
               "total_wall_s": 3.0, "machine": slow}
     md = render_markdown(report)
     assert "CPUs (AVX512)" in describe_machine(fast) and "CPUs (AVX2)" in describe_machine(slow)
+    assert describe_machine({**fast, "torch_threads": 1}).endswith("(AVX512), 1 torch thread, torch " + fast["torch"])
+    assert "), 2 torch threads, torch" in describe_machine({**fast, "torch_threads": 2})
     assert (f"- Stage walls measured on: {describe_machine(fast)} (teacher_adaptation); "
             f"{describe_machine(slow)} (knowledge_transfer, student_refinement).") in md
     assert f"- This invocation: 3 s on {describe_machine(slow)} (complete stages are loaded" in md

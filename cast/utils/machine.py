@@ -76,7 +76,8 @@ def describe_machine(info: dict[str, Any]) -> str:
     isa = info.get("cpu_capability", "?")
     if info.get("kernel_isa_forced"):
         isa += "; forced: " + " ".join(f"{k}={v}" for k, v in info["kernel_isa_forced"].items())
+    threads = info.get("torch_threads", "?")
     cpu = (f"{info.get('cpu_model', '?')}, {info.get('usable_cpus', '?')} CPUs ({isa}), "
-           f"{info.get('torch_threads', '?')} torch threads")
+           f"{threads} torch thread{'' if threads == 1 else 's'}")
     gpu = info.get("gpu")
     return f"{gpu['name']} + {cpu}, torch {info.get('torch')}" if gpu else f"{cpu}, torch {info.get('torch')}"
