@@ -8,11 +8,10 @@ rank 0 writes the files.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -30,7 +29,7 @@ from cast.training.checkpoint import seed_all
 from cast.training.metrics import diagnostics_summary
 from cast.training.plots import plot_report
 from cast.utils.distributed import DistContext, barrier, init_distributed
-from cast.utils.folder_lock import exclusive_folder
+from cast.utils.folder_lock import exclusive_folder, shared_folder
 from cast.utils.io import atomic_write_text
 from cast.utils.machine import describe_machine, machine_info
 
@@ -128,14 +127,11 @@ class Pipeline:
         with exclusive_folder(self.folder.root, enabled=self.ctx.is_main, label="run folder"):
             return self._run(stop_after)
 
-    @contextlib.contextmanager
-    def holding_shared(self) -> Iterator[None]:
+    def holding_shared(self) -> ContextManager[None]:
         """Hold the shared folder (the teacher stages, their pseudo-labels and evaluations) while this
         run makes or reads them: seeds run as processes of their own wait for the one that trains the
         teacher, then reuse it, instead of training it beside it."""
-        with exclusive_folder(self.shared.root, enabled=self.ctx.is_main, label="shared teacher folder", wait=True):
-            barrier()  # the other ranks decide what to train only once rank 0 holds the folder
-            yield
+        return shared_folder(self.shared.root, self.ctx, "shared teacher folder")
 
     def _run(self, stop_after: str | None) -> dict[str, Any]:
         start, machine = time.perf_counter(), machine_info(self.ctx.device)

@@ -28,7 +28,7 @@ from cast.pipeline.stages import reuse_or_train, stage_seed, stage_spec
 from cast.structures import InstanceSample
 from cast.utils.cache import file_digest, json_digest
 from cast.utils.distributed import DistContext, barrier, init_distributed
-from cast.utils.folder_lock import exclusive_folder
+from cast.utils.folder_lock import shared_folder
 
 
 def standin_dir(cfg: CastConfig, classes: Sequence[str]) -> Path:
@@ -55,8 +55,7 @@ def pretrain_standin(cfg: CastConfig, source: Sequence[InstanceSample], classes:
                              projection_stride=cfg.losses.embedding_stride, **cfg.teacher.preset_overrides)
 
     # Runs sharing the cache wait for the one that trains it, then reuse its result.
-    with exclusive_folder(folder, enabled=ctx.is_main, label="stand-in teacher cache", wait=True):
-        barrier()  # the other ranks decide only once rank 0 holds the cache
+    with shared_folder(folder, ctx, "stand-in teacher cache"):
         spec = stage_spec("teacher_pretrain", cfg, train=cfg.teacher.pretrain.train)
         reuse_or_train(spec, folder, untrained, cfg, source, None, ctx)
     barrier()

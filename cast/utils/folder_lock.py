@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from cast.utils.distributed import DistContext, barrier
+
 LOCK_NAME = ".lock"
 # tempfile's names (mkstemp / mkdtemp with prefix ".<name>." and, for files, suffix ".tmp"), and
 # ".tmpXXXXXX", what safetensors' Rust writer (the tempfile crate) leaves when killed mid-save.
@@ -84,3 +86,12 @@ def exclusive_folder(folder: str | os.PathLike, enabled: bool = True, label: str
             _held.discard(key)
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def shared_folder(folder: str | os.PathLike, ctx: DistContext, label: str) -> Iterator[None]:
+    """Hold a folder that runs share (waiting for whoever holds it) from rank 0 of `ctx`; the other
+    ranks go on only once rank 0 holds it, so that every rank sees the same finished work."""
+    with exclusive_folder(folder, enabled=ctx.is_main, label=label, wait=True):
+        barrier()
+        yield
