@@ -20,7 +20,7 @@ from cast.utils.typed import ConfigError, build_dataclass
 
 TEACHER_KINDS = ("standin", *FOUNDATION_TEACHERS)
 AMP_MODES = ("none", "bf16", "fp16")
-ABLATION_STUDIES = ("losses", "stages", "samplers", "label_fraction")
+ABLATION_STUDIES = ("losses", "stages", "samplers", "label_fraction", "pxl_weight")
 
 
 @dataclass
@@ -136,6 +136,8 @@ class PseudoLabelConfig:
 class AblationConfig:
     label_fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.3])
     samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))
+    # The weights of L_pxl the paper's figure sweeps (its Proposition 3.1: the margin grows with it).
+    pxl_weights: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2])
 
 
 @dataclass
@@ -341,6 +343,8 @@ def validate_config(cfg: CastConfig, source: str = "<config>", check_paths: bool
            "ablations.label_fractions", f"every fraction must be in (0, 1], got {a.label_fractions}")
     for i, s in enumerate(a.samplers):
         _check_choice(s, SAMPLERS, source, f"ablations.samplers[{i}]")
+    _check(len(a.pxl_weights) > 0 and all(w >= 0 for w in a.pxl_weights), source, "ablations.pxl_weights",
+           f"every weight must be >= 0, got {a.pxl_weights}")
 
     if check_paths:
         _validate_paths(cfg, source)

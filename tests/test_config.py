@@ -69,6 +69,8 @@ def test_overrides_and_round_trip(tmp_path):
     ({"pseudo_labels": {"score_threshold": 2.0}}, "pseudo_labels.score_threshold", "must be in [0, 1]"),
     ({"pseudo_labels": {"min_kept_fraction": -0.1}}, "pseudo_labels.min_kept_fraction", "must be in [0, 1]"),
     ({"ablations": {"label_fractions": [0.1, 0.0]}}, "ablations.label_fractions", "must be in (0, 1]"),
+    ({"ablations": {"pxl_weights": [0.1, -0.05]}}, "ablations.pxl_weights", "every weight must be >= 0"),
+    ({"ablations": {"pxl_weights": []}}, "ablations.pxl_weights", "every weight must be >= 0"),
     ({"name": "a/b"}, "name", "plain folder name"),
     ({"student": {"preset": "cast-xxl"}}, "student.preset", "is not one of"),
     ({"teacher": {"preset_overrides": {"num_querys": 5}}}, "teacher.preset_overrides", "unknown CastStudentConfig keys"),

@@ -11,12 +11,13 @@ import torch
 import yaml
 
 from cast.cli import main
-from cast.config import CastConfig, load_config
-from cast.pipeline.ablations import run_ablation
+from cast.config import ABLATION_STUDIES, CastConfig, load_config
+from cast.pipeline.ablations import STUDIES, TITLES, run_ablation
 from cast.pipeline.report import render_markdown
 from cast.pipeline.runner import Pipeline, run
 from cast.pipeline.teachers import pretrain_teacher, standin_dir
 from cast.runs import STAGES, RunFolder
+from cast.training.metrics import diagnostics_summary
 from cast.utils.machine import KERNEL_ISA_VARIABLES, describe_machine, machine_info
 
 ROWS = {"teacher_zero_shot", "teacher_adaptation", "teacher_self_training", "student_supervised",
@@ -160,7 +161,13 @@ def test_sampler_ablation_table(tiny_run):
     assert table["rows"][0]["source"] == "trained" and table["rows"][1]["source"] == "main run"
     assert table["rows"][1]["paper_AP"] == 32.2
     assert (folder.ablations / "samplers" / "stages" / "uniform" / "model" / "config.json").is_file()
-    assert "| uniform |" in (folder.ablations / "samplers.md").read_text()
+    md = (folder.ablations / "samplers.md").read_text()
+    assert "| uniform |" in md and "| empirical margin | false-negative rate |" in md
+    # each sampler's diagnostics: the variant's own training, and the main run's for its sampler
+    uniform = diagnostics_summary(folder.ablations / "samplers" / "stages" / "uniform" / "metrics.jsonl")
+    assert table["rows"][0]["pxl_margin"] == round(uniform["pxl_margin"], 4)
+    main_row = next(r for r in json.loads(folder.report_json.read_text())["rows"] if r["model"] == "knowledge_transfer")
+    assert table["rows"][1]["pxl_false_negative_rate"] == main_row["pxl_false_negative_rate"]
     assert (folder.ablations / "samplers.png").read_bytes()[:4] == b"\x89PNG"  # margin and FNR per sampler
     model = folder.ablations / "samplers" / "stages" / "uniform" / "model" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
@@ -193,6 +200,31 @@ def test_loss_and_stage_ablations_train_each_variant_and_read_the_rest_from_the_
                                                    "distillation_only"}
     assert {p.name for p in (folder.ablations / "losses" / "stages").iterdir()} == {
         "l_sup", "l_sup_l_semi", "l_sup_l_pxl"}
+
+
+@pytest.mark.slow
+def test_pxl_weight_sweep_trains_each_weight_and_reports_its_margin(tiny_run):
+    config, folder = tiny_run
+    own = load_config(config).losses.lambda_pxl
+    assert main(["ablate", "--config", str(config), "--study", "pxl_weight",
+                 "--set", f"ablations.pxl_weights=[0.0, {own}, 0.5]"]) == 0
+    rows = json.loads((folder.ablations / "pxl_weight.json").read_text())["rows"]
+    assert [(r["variant"], r["source"]) for r in rows] == [
+        ("lambda_pxl = 0", "trained"), (f"lambda_pxl = {own:g}", "main run"), ("lambda_pxl = 0.5", "trained")]
+    stages = folder.ablations / "pxl_weight" / "stages"
+    for weight, slug in ((0.0, "lambda_pxl_0"), (0.5, "lambda_pxl_0_5")):
+        settings = json.loads((stages / slug / "summary.json").read_text())["settings"]
+        assert settings["stage"] == "knowledge_transfer"
+        assert settings["objective"] == {"lambda_semi": 1.0, "lambda_pxl": weight}
+    assert "pxl_margin" not in rows[0]  # trained without L_pxl: no diagnostics
+    assert rows[2]["pxl_margin"] == round(diagnostics_summary(stages / "lambda_pxl_0_5" / "metrics.jsonl")["pxl_margin"], 4)
+    md = (folder.ablations / "pxl_weight.md").read_text()
+    assert "| lambda_pxl = 0 | " in md and "| - | - | trained |" in md  # no margin without L_pxl
+    assert (folder.ablations / "pxl_weight.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_ablation_study_the_command_line_offers_exists():
+    assert tuple(STUDIES) == ABLATION_STUDIES and set(TITLES) == set(STUDIES)
 
 
 @pytest.mark.slow

@@ -4,13 +4,16 @@
     stages          Table 3: full / no refinement / no teacher adaptation / distillation only
     samplers        Table 4: negative sampler uniform / mask / class / fusion (student after transfer)
     label_fraction  Table 6: refined student at each labeled fraction of ablations.label_fractions
+    pxl_weight      the paper's sweep of lambda_pxl over ablations.pxl_weights (student after transfer)
 
 The main run is completed first (every finished piece of it is reused); variants that the main
 run already is (e.g. "all" losses, the run's own sampler) are read from it, the others train
 into runs/<name>/ablations/<study>/<variant>/ with the same budget as the stage they replace.
-Tables go to runs/<name>/ablations/<study>.{json,md}; figures beside them: samplers.png (margin
-and false-negative rate per sampler) and label_fraction.png (every model's AP per fraction, also
-over seeds, where the supervised-only student catching up with CAST shows).
+Tables go to runs/<name>/ablations/<study>.{json,md}, with the contrastive diagnostics (margin,
+false-negative rate) of each variant trained with L_pxl; figures beside them: samplers.png and
+pxl_weight.png (margin and false-negative rate per variant: the paper's Proposition 3.1 has the
+margin grow with lambda_pxl) and label_fraction.png (every model's AP per fraction, also over
+seeds, where the supervised-only student catching up with CAST shows).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from cast.pipeline.runner import Pipeline, new_student
 from cast.pipeline.seeds import aggregate_rows, over_seeds, seed_config, seeds_markdown, seeds_summary
 from cast.pipeline.stages import reuse_or_train, stage_spec
 from cast.runs import RunFolder
+from cast.training.metrics import diagnostics_summary
 from cast.training.objective import Objective
 from cast.training.plots import plot_diagnostics, plot_label_fractions
 from cast.utils.distributed import DistContext, barrier, init_distributed
@@ -73,8 +77,10 @@ class Ablation:
         return reuse_or_train(spec, self.folder.stage(name), make_model, cfg, labeled, unlabeled, self.ctx)[0]
 
     def evaluate(self, name: str, model: torch.nn.Module) -> dict[str, Any]:
+        """AP, AP50 and the contrastive diagnostics of the variant's training (none without L_pxl)."""
         meta = self.evaluator(name, model)
-        return {"AP": meta["metrics"]["AP"], "AP50": meta["metrics"]["AP50"]}
+        return {"AP": meta["metrics"]["AP"], "AP50": meta["metrics"]["AP50"],
+                **diagnostics_summary(self.folder.metrics(name))}
 
     def student(self) -> torch.nn.Module:
         return new_student(self.cfg, self.main.data)
@@ -90,12 +96,12 @@ class Ablation:
 def _row(name: str, result: dict[str, Any], paper: Any, source: str) -> dict[str, Any]:
     ap50 = paper[1] if isinstance(paper, tuple) else None
     return {"variant": name, "AP": round(result["AP"], 2), "AP50": round(result["AP50"], 2),
-            "paper_AP": paper[0] if isinstance(paper, tuple) else paper, "paper_AP50": ap50, "source": source}
+            "paper_AP": paper[0] if isinstance(paper, tuple) else paper, "paper_AP50": ap50, "source": source,
+            **{k: round(v, 4) for k, v in result.items() if k.startswith("pxl_")}}
 
 
 def _from_main(a: Ablation, key: str) -> dict[str, Any]:
-    row = a.main_row(key)
-    return {"AP": row["AP"], "AP50": row["AP50"]}
+    return {k: v for k, v in a.main_row(key).items() if k in ("AP", "AP50") or k.startswith("pxl_")}
 
 
 def losses_study(a: Ablation) -> list[dict[str, Any]]:
@@ -149,18 +155,48 @@ def samplers_study(a: Ablation) -> list[dict[str, Any]]:
     return rows
 
 
-def _sampler_metrics(cfg: CastConfig, sampler: str) -> Path:
-    """The metrics of the transfer stage under `sampler`: the main run's for its own sampler."""
-    if sampler == cfg.losses.sampler:
-        return RunFolder(cfg.run_dir).metrics("knowledge_transfer")
-    return study_folder(cfg, "samplers").metrics(sampler)
+def _transfer_metrics(cfg: CastConfig, study: str, variant: str, own: bool) -> Path:
+    """The metrics of a transfer-stage variant of `study`: the main run's when it is the run's `own`."""
+    return RunFolder(cfg.run_dir).metrics("knowledge_transfer") if own else study_folder(cfg, study).metrics(variant)
+
+
+def _seeds_title(what: str, cfgs: list[CastConfig]) -> str:
+    return f"knowledge transfer: contrastive diagnostics per {what}" + (
+        f", mean over {len(cfgs)} seeds" if len(cfgs) > 1 else "")
 
 
 def samplers_figure(cfgs: list[CastConfig], path: Path) -> Path | None:
     """The paper's diagnostics (margin, false-negative rate), a curve per sampler, mean over `cfgs`."""
-    metrics = {s: [_sampler_metrics(c, s) for c in cfgs] for s in cfgs[0].ablations.samplers}
-    over = f", mean over {len(cfgs)} seeds" if len(cfgs) > 1 else ""
-    return plot_diagnostics(metrics, path, f"knowledge transfer: contrastive diagnostics per negative sampler{over}")
+    metrics = {s: [_transfer_metrics(c, "samplers", s, s == c.losses.sampler) for c in cfgs]
+               for s in cfgs[0].ablations.samplers}
+    return plot_diagnostics(metrics, path, _seeds_title("negative sampler", cfgs))
+
+
+def pxl_weight_study(a: Ablation) -> list[dict[str, Any]]:
+    cfg, data = a.cfg, a.main.data
+    pseudo = a.pseudo("teacher_self_training")
+    rows = []
+    for weight in cfg.ablations.pxl_weights:
+        name = _weight_name(weight)
+        if math.isclose(weight, cfg.losses.lambda_pxl):
+            rows.append(_row(name, _from_main(a, "knowledge_transfer"), None, "main run"))
+            continue
+        obj = Objective(cfg.losses.lambda_semi, weight)
+        model = a.variant(_slug(name), "knowledge_transfer", a.student, obj, data.labeled, pseudo)
+        rows.append(_row(name, a.evaluate(_slug(name), model), None, "trained"))
+    return rows
+
+
+def _weight_name(weight: float) -> str:
+    return f"lambda_pxl = {weight:g}"
+
+
+def pxl_weight_figure(cfgs: list[CastConfig], path: Path) -> Path | None:
+    """Margin and false-negative rate, a curve per weight of L_pxl, mean over `cfgs`."""
+    metrics = {_weight_name(w): [_transfer_metrics(c, "pxl_weight", _slug(_weight_name(w)),
+                                                   math.isclose(w, c.losses.lambda_pxl)) for c in cfgs]
+               for w in cfgs[0].ablations.pxl_weights}
+    return plot_diagnostics(metrics, path, _seeds_title("weight of L_pxl", cfgs))
 
 
 def _fraction_folder(cfg: CastConfig, fraction: float) -> RunFolder:
@@ -206,12 +242,13 @@ def label_fraction_study(a: Ablation) -> list[dict[str, Any]]:
 
 
 STUDIES = {"losses": losses_study, "stages": stages_study, "samplers": samplers_study,
-           "label_fraction": label_fraction_study}
+           "label_fraction": label_fraction_study, "pxl_weight": pxl_weight_study}
 TITLES = {"losses": "Table 2: loss terms (student after transfer)", "stages": "Table 3: pipeline stages",
           "samplers": "Table 4: negative samplers (student after transfer)",
-          "label_fraction": "Table 6: labeled fraction (refined student)"}
+          "label_fraction": "Table 6: labeled fraction (refined student)",
+          "pxl_weight": "the weight of L_pxl (student after transfer)"}
 # The figures of a study, from its finished runs: one seed's, or the mean over the seeds of --seeds.
-FIGURES = {"samplers": samplers_figure, "label_fraction": label_fraction_figure}
+FIGURES = {"samplers": samplers_figure, "label_fraction": label_fraction_figure, "pxl_weight": pxl_weight_figure}
 
 
 def _slug(name: str) -> str:
@@ -224,10 +261,17 @@ def render_markdown(study: str, rows: list[dict[str, Any]], cfg: CastConfig, sum
     over = f", mean ± std over {seeds}" if seeds else ""
     lines = [f"# Ablation, {TITLES[study]}", "",
              f"Run {cfg.name}: {cfg.data.kind} data, mask AP on val{over}. Paper: Cityscapes 10 % (for reference).",
-             "", "| variant | AP | AP50 | paper AP | paper AP50 | source |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+             ""]
+    # The paper's diagnostics where a variant trained with L_pxl (last quarter of its steps).
+    diagnostics = any("pxl_margin" in r for r in rows)
+    extra = " empirical margin | false-negative rate |" if diagnostics else ""
+    lines += [f"| variant | AP | AP50 | paper AP | paper AP50 |{extra} source |",
+              "| --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * diagnostics + " --- |"]
     for r in rows:
+        cells = (f" {fmt(r.get('pxl_margin'), 3)} | {fmt(r.get('pxl_false_negative_rate'), 4)} |"
+                 if diagnostics else "")
         lines.append(f"| {r['variant']} | {spread(r, 'AP')} | {spread(r, 'AP50')} | {fmt(r['paper_AP'])} | "
-                     f"{fmt(r['paper_AP50'])} | {r['source']} |")
+                     f"{fmt(r['paper_AP50'])} |{cells} {r['source']} |")
     if failures:
         lines += [""] + failures
     return "\n".join(lines) + "\n"
