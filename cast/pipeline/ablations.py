@@ -138,20 +138,25 @@ def stages_study(a: Ablation) -> list[dict[str, Any]]:
     return rows
 
 
+def _transfer_row(a: Ablation, name: str, own: bool, pseudo: Any, paper: Any = None, objective: Objective | None = None,
+                  cfg: CastConfig | None = None) -> dict[str, Any]:
+    """One variant of the transfer stage on 1b's pseudo-labels: the main run's row when it is the
+    run's `own` setting, else trained (into the folder `_slug(name)`) and evaluated."""
+    if own:
+        return _row(name, _from_main(a, "knowledge_transfer"), paper, "main run")
+    objective = objective or Objective(a.cfg.losses.lambda_semi, a.cfg.losses.lambda_pxl)
+    model = a.variant(_slug(name), "knowledge_transfer", a.student, objective, a.main.data.labeled, pseudo, cfg=cfg)
+    return _row(name, a.evaluate(_slug(name), model), paper, "trained")
+
+
 def samplers_study(a: Ablation) -> list[dict[str, Any]]:
-    cfg, data = a.cfg, a.main.data
     pseudo = a.pseudo("teacher_self_training")
     rows = []
-    for sampler in cfg.ablations.samplers:
-        paper = PAPER["samplers"][sampler]
-        if sampler == cfg.losses.sampler:
-            rows.append(_row(sampler, _from_main(a, "knowledge_transfer"), paper, "main run"))
-            continue
-        variant_cfg = copy.deepcopy(cfg)
+    for sampler in a.cfg.ablations.samplers:
+        variant_cfg = copy.deepcopy(a.cfg)
         variant_cfg.losses.sampler = sampler
-        obj = Objective(cfg.losses.lambda_semi, cfg.losses.lambda_pxl)
-        model = a.variant(sampler, "knowledge_transfer", a.student, obj, data.labeled, pseudo, cfg=variant_cfg)
-        rows.append(_row(sampler, a.evaluate(sampler, model), paper, "trained"))
+        rows.append(_transfer_row(a, sampler, sampler == a.cfg.losses.sampler, pseudo, PAPER["samplers"][sampler],
+                                  cfg=variant_cfg))
     return rows
 
 
@@ -173,18 +178,9 @@ def samplers_figure(cfgs: list[CastConfig], path: Path) -> Path | None:
 
 
 def pxl_weight_study(a: Ablation) -> list[dict[str, Any]]:
-    cfg, data = a.cfg, a.main.data
     pseudo = a.pseudo("teacher_self_training")
-    rows = []
-    for weight in cfg.ablations.pxl_weights:
-        name = _weight_name(weight)
-        if math.isclose(weight, cfg.losses.lambda_pxl):
-            rows.append(_row(name, _from_main(a, "knowledge_transfer"), None, "main run"))
-            continue
-        obj = Objective(cfg.losses.lambda_semi, weight)
-        model = a.variant(_slug(name), "knowledge_transfer", a.student, obj, data.labeled, pseudo)
-        rows.append(_row(name, a.evaluate(_slug(name), model), None, "trained"))
-    return rows
+    return [_transfer_row(a, _weight_name(w), math.isclose(w, a.cfg.losses.lambda_pxl), pseudo,
+                          objective=Objective(a.cfg.losses.lambda_semi, w)) for w in a.cfg.ablations.pxl_weights]
 
 
 def _weight_name(weight: float) -> str:
